@@ -1,0 +1,535 @@
+//! The sharded in-memory memtable: keeps only the newest value per key between flushes.
+//!
+//! Each shard holds two maps behind one `parking_lot` mutex (never held across an `.await`):
+//! - `active`: every key written since the last flush began — all of it is dirty;
+//! - `frozen`: the map the running flush is writing to the store, kept readable until the
+//!   store has acknowledged it, so a read sees the newest value at every moment.
+//!
+//! A flush swaps `active` for an empty map (O(1) per shard, so ingest never waits on a
+//! flush) and releases `frozen` only after the store's acknowledgement. A key that is in
+//! neither map is therefore either never written or already in the store.
+//!
+//! Napkin math: an entry is a 24-byte key plus a 16-byte value plus one control byte of the
+//! hash table = 41 bytes; with hashbrown's load factor between 44 % and 87 % that is 47–94
+//! bytes per live key (see BENCHMARKS.md for the measured figure).
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use crossbeam::utils::CachePadded;
+use hashbrown::hash_map::Entry;
+use parking_lot::Mutex;
+
+use crate::model::{Key, Record, Value};
+
+type Hasher = foldhash::fast::RandomState;
+/// One shard's map. Public so a flush can iterate the frozen maps it was handed.
+pub type ShardMap = hashbrown::HashMap<Key, Value, Hasher>;
+
+/// Refusal to take a new key: the coalescer is at its configured bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("overloaded: the coalescer holds its maximum of {max_keys} keys; retry later")]
+pub struct Overloaded {
+    pub max_keys: usize,
+}
+
+/// What an upsert did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upsert {
+    /// The key was not in memory; the value is now its newest.
+    Inserted,
+    /// The value replaced an older one.
+    Superseded,
+    /// A value at least as new was already there; nothing changed.
+    Stale,
+}
+
+/// Counters kept under each shard's lock (free to bump) and summed on demand.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoalescerStats {
+    pub inserted: u64,
+    pub superseded: u64,
+    pub stale: u64,
+    pub overloaded: u64,
+    /// Keys in `active` maps: dirtied since the current flush began.
+    pub dirty_keys: u64,
+    /// Keys in `frozen` maps: being written by the running flush.
+    pub flushing_keys: u64,
+}
+
+struct Shard {
+    active: ShardMap,
+    frozen: Option<Arc<ShardMap>>,
+    stats: CoalescerStats,
+}
+
+impl Shard {
+    fn frozen_len(&self) -> usize {
+        self.frozen.as_ref().map_or(0, |f| f.len())
+    }
+}
+
+/// The maps one flush took out of the shards, to be written to the store and then handed
+/// back to [`Coalescer::release`].
+pub struct Frozen {
+    maps: Vec<(usize, Arc<ShardMap>)>,
+}
+
+impl Frozen {
+    /// Number of distinct keys to write.
+    pub fn len(&self) -> usize {
+        self.maps.iter().map(|(_, m)| m.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.maps.is_empty()
+    }
+
+    /// Every record to write, each key once.
+    pub fn records(&self) -> impl Iterator<Item = Record> + '_ {
+        self.maps
+            .iter()
+            .flat_map(|(_, m)| m.iter().map(|(k, v)| Record::new(*k, *v)))
+    }
+}
+
+/// The sharded memtable. Cheap to share behind an `Arc`.
+pub struct Coalescer {
+    shards: Box<[CachePadded<Mutex<Shard>>]>,
+    shard_mask: usize,
+    /// Chooses the shard from (account_id, profile_id), so one profile's titles share a shard.
+    shard_hasher: Hasher,
+    /// Each shard may hold `max_keys / shards` keys (active plus frozen): a lock-local check,
+    /// no shared counter on the hot path. The hash spreads keys evenly, so the bound is tight.
+    max_keys_per_shard: usize,
+    max_keys: usize,
+}
+
+impl Coalescer {
+    /// `shards` must be a power of two.
+    pub fn new(shards: usize, max_keys: usize) -> Self {
+        assert!(shards.is_power_of_two(), "shards must be a power of two");
+        assert!(max_keys >= 1, "max_keys must be at least 1");
+        let hasher = Hasher::default();
+        let shards_vec = (0..shards)
+            .map(|_| {
+                CachePadded::new(Mutex::new(Shard {
+                    active: ShardMap::with_hasher(hasher.clone()),
+                    frozen: None,
+                    stats: CoalescerStats::default(),
+                }))
+            })
+            .collect();
+        Self {
+            shards: shards_vec,
+            shard_mask: shards - 1,
+            shard_hasher: Hasher::default(),
+            max_keys_per_shard: max_keys.div_ceil(shards),
+            max_keys,
+        }
+    }
+
+    fn shard_index(&self, key: &Key) -> usize {
+        (self.shard_hasher.hash_one((key.account_id, key.profile_id)) as usize) & self.shard_mask
+    }
+
+    /// Keeps `record` if it is newer than what memory holds for its key.
+    pub fn upsert(&self, record: &Record) -> Result<Upsert, Overloaded> {
+        self.upsert_inner(record, true)
+    }
+
+    /// Like [`Coalescer::upsert`] but ignores the key bound: used by log replay, which must
+    /// never drop acknowledged data even if `max_keys` was lowered since.
+    pub fn upsert_unbounded(&self, record: &Record) -> Upsert {
+        self.upsert_inner(record, false)
+            .expect("unbounded upsert cannot overload")
+    }
+
+    /// Replays a chunk of log records on `threads` threads: thread `t` applies the records
+    /// of shards `t, t + threads, …`, so no two threads share a shard lock. Ignores the key
+    /// bound like [`Coalescer::upsert_unbounded`]. Order within a key does not matter
+    /// (last-write-wins), which is what makes the split safe.
+    pub fn replay_parallel(&self, records: &[Record], threads: usize) {
+        let threads = threads.clamp(1, self.shards.len());
+        if threads == 1 || records.len() < 4_096 {
+            for r in records {
+                self.upsert_unbounded(r);
+            }
+            return;
+        }
+        std::thread::scope(|scope| {
+            for t in 0..threads {
+                scope.spawn(move || {
+                    for r in records {
+                        if self.shard_index(&r.key) % threads == t {
+                            self.upsert_unbounded(r);
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    fn upsert_inner(&self, record: &Record, bounded: bool) -> Result<Upsert, Overloaded> {
+        let mut guard = self.shards[self.shard_index(&record.key)].lock();
+        let shard = &mut *guard;
+        let held = shard.active.len() + shard.frozen_len();
+        let outcome = match shard.active.entry(record.key) {
+            Entry::Occupied(mut e) => {
+                if record.value.supersedes(e.get()) {
+                    *e.get_mut() = record.value;
+                    Upsert::Superseded
+                } else {
+                    Upsert::Stale
+                }
+            }
+            Entry::Vacant(e) => {
+                let flushing = shard.frozen.as_ref().and_then(|f| f.get(&record.key));
+                match flushing {
+                    Some(current) if !record.value.supersedes(current) => Upsert::Stale,
+                    _ => {
+                        if bounded && held >= self.max_keys_per_shard {
+                            shard.stats.overloaded += 1;
+                            return Err(Overloaded {
+                                max_keys: self.max_keys,
+                            });
+                        }
+                        let superseded = flushing.is_some();
+                        e.insert(record.value);
+                        if superseded {
+                            Upsert::Superseded
+                        } else {
+                            Upsert::Inserted
+                        }
+                    }
+                }
+            }
+        };
+        match outcome {
+            Upsert::Inserted => shard.stats.inserted += 1,
+            Upsert::Superseded => shard.stats.superseded += 1,
+            Upsert::Stale => shard.stats.stale += 1,
+        }
+        Ok(outcome)
+    }
+
+    /// The newest value memory holds for `key` (a tombstone included), or `None` when the
+    /// store holds the newest.
+    pub fn get(&self, key: &Key) -> Option<Value> {
+        let shard = self.shards[self.shard_index(key)].lock();
+        shard
+            .active
+            .get(key)
+            .or_else(|| shard.frozen.as_ref().and_then(|f| f.get(key)))
+            .copied()
+    }
+
+    /// Values memory holds for one profile, newest per title. O(keys in one shard): for
+    /// overlaying recent writes on a store listing, not for a hot path.
+    pub fn profile_entries(&self, account_id: u64, profile_id: u64) -> Vec<Record> {
+        let probe = Key::new(account_id, profile_id, 0);
+        let shard = self.shards[self.shard_index(&probe)].lock();
+        let mut out: Vec<Record> = shard
+            .active
+            .iter()
+            .filter(|(k, _)| k.account_id == account_id && k.profile_id == profile_id)
+            .map(|(k, v)| Record::new(*k, *v))
+            .collect();
+        if let Some(frozen) = &shard.frozen {
+            for (k, v) in frozen.iter() {
+                if k.account_id == account_id
+                    && k.profile_id == profile_id
+                    && !shard.active.contains_key(k)
+                {
+                    out.push(Record::new(*k, *v));
+                }
+            }
+        }
+        out
+    }
+
+    /// Starts a flush: every shard's `active` map becomes its `frozen` map. O(shards).
+    ///
+    /// Panics if the previous [`Frozen`] was not released: flushes are sequential.
+    pub fn freeze(&self) -> Frozen {
+        let mut maps = Vec::new();
+        for (index, shard) in self.shards.iter().enumerate() {
+            let mut shard = shard.lock();
+            assert!(
+                shard.frozen.is_none(),
+                "freeze while a flush is still running"
+            );
+            if shard.active.is_empty() {
+                continue;
+            }
+            let capacity = shard.active.len();
+            let hasher = shard.active.hasher().clone();
+            let taken = std::mem::replace(
+                &mut shard.active,
+                ShardMap::with_capacity_and_hasher(capacity, hasher),
+            );
+            let taken = Arc::new(taken);
+            shard.frozen = Some(Arc::clone(&taken));
+            maps.push((index, taken));
+        }
+        Frozen { maps }
+    }
+
+    /// Ends a flush once the store has acknowledged every record of `frozen`: the frozen
+    /// maps are dropped, and reads of those keys go to the store from now on.
+    pub fn release(&self, frozen: Frozen) {
+        for (index, map) in frozen.maps {
+            let released = {
+                let mut shard = self.shards[index].lock();
+                match &shard.frozen {
+                    Some(current) if Arc::ptr_eq(current, &map) => shard.frozen.take(),
+                    _ => None,
+                }
+            };
+            // The big deallocation happens here, outside the lock.
+            drop(released);
+        }
+    }
+
+    /// Undoes a [`Coalescer::freeze`] whose flush did not complete: the frozen values go
+    /// back into the active maps, except where a newer value was written meanwhile.
+    pub fn thaw(&self, frozen: Frozen) {
+        for (index, map) in frozen.maps {
+            let mut guard = self.shards[index].lock();
+            let shard = &mut *guard;
+            if matches!(&shard.frozen, Some(current) if Arc::ptr_eq(current, &map)) {
+                shard.frozen = None;
+            }
+            for (key, value) in map.iter() {
+                match shard.active.entry(*key) {
+                    Entry::Occupied(mut e) => {
+                        if value.supersedes(e.get()) {
+                            *e.get_mut() = *value;
+                        }
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(*value);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Calls `f` with every record memory holds (active and frozen; a key in both appears
+    /// twice, the newer wins on replay). Each shard is copied under its lock, then `f` runs
+    /// without it. Used to write snapshots.
+    pub fn for_each_record(&self, mut f: impl FnMut(&[Record])) {
+        let mut buf = Vec::new();
+        for shard in self.shards.iter() {
+            buf.clear();
+            let frozen = {
+                let shard = shard.lock();
+                buf.extend(shard.active.iter().map(|(k, v)| Record::new(*k, *v)));
+                shard.frozen.clone()
+            };
+            if let Some(frozen) = frozen {
+                buf.extend(frozen.iter().map(|(k, v)| Record::new(*k, *v)));
+            }
+            if !buf.is_empty() {
+                f(&buf);
+            }
+        }
+    }
+
+    /// Sums every shard's counters.
+    pub fn stats(&self) -> CoalescerStats {
+        let mut total = CoalescerStats::default();
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            let s = &shard.stats;
+            total.inserted += s.inserted;
+            total.superseded += s.superseded;
+            total.stale += s.stale;
+            total.overloaded += s.overloaded;
+            total.dirty_keys += shard.active.len() as u64;
+            total.flushing_keys += shard.frozen_len() as u64;
+        }
+        total
+    }
+
+    /// Keys held in memory (active plus frozen).
+    pub fn len(&self) -> usize {
+        let s = self.stats();
+        (s.dirty_keys + s.flushing_keys) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes the hash tables have allocated (buckets × (entry + control byte)), for the
+    /// memory-per-key figure.
+    pub fn allocated_bytes(&self) -> usize {
+        const PER_BUCKET: usize = std::mem::size_of::<(Key, Value)>() + 1;
+        self.shards
+            .iter()
+            .map(|shard| {
+                let shard = shard.lock();
+                let frozen = shard.frozen.as_ref().map_or(0, |f| f.capacity());
+                (bucket_count(shard.active.capacity()) + bucket_count(frozen)) * PER_BUCKET
+            })
+            .sum()
+    }
+
+    pub fn max_keys(&self) -> usize {
+        self.max_keys
+    }
+}
+
+/// hashbrown's bucket count for a given capacity (7/8 load factor, power of two).
+fn bucket_count(capacity: usize) -> usize {
+    if capacity == 0 {
+        0
+    } else if capacity < 8 {
+        if capacity < 4 {
+            4
+        } else {
+            8
+        }
+    } else {
+        (capacity * 8 / 7).next_power_of_two()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(title: u64, pos: u32, at: u64, dev: u32) -> Record {
+        Record::new(Key::new(1, 1, title), Value::new(pos, at, dev))
+    }
+
+    #[test]
+    fn keeps_only_the_newest_in_any_order() {
+        let c = Coalescer::new(4, 100);
+        assert_eq!(c.upsert(&rec(1, 10, 200, 1)), Ok(Upsert::Inserted));
+        assert_eq!(c.upsert(&rec(1, 5, 100, 1)), Ok(Upsert::Stale));
+        assert_eq!(c.upsert(&rec(1, 10, 200, 1)), Ok(Upsert::Stale));
+        assert_eq!(c.upsert(&rec(1, 7, 200, 2)), Ok(Upsert::Superseded));
+        assert_eq!(c.get(&Key::new(1, 1, 1)), Some(Value::new(7, 200, 2)));
+        let s = c.stats();
+        assert_eq!((s.inserted, s.superseded, s.stale), (1, 1, 2));
+    }
+
+    #[test]
+    fn frozen_values_stay_readable_and_guard_against_stale_writes() {
+        let c = Coalescer::new(2, 100);
+        c.upsert(&rec(1, 10, 200, 1)).unwrap();
+        let frozen = c.freeze();
+        assert_eq!(frozen.len(), 1);
+        // Mid-flush: the value is still visible, and an older write cannot shadow it.
+        assert_eq!(c.get(&Key::new(1, 1, 1)), Some(Value::new(10, 200, 1)));
+        assert_eq!(c.upsert(&rec(1, 3, 150, 1)), Ok(Upsert::Stale));
+        assert_eq!(c.get(&Key::new(1, 1, 1)), Some(Value::new(10, 200, 1)));
+        // A newer write during the flush wins and becomes dirty for the next one.
+        assert_eq!(c.upsert(&rec(1, 12, 204, 1)), Ok(Upsert::Superseded));
+        assert_eq!(c.get(&Key::new(1, 1, 1)), Some(Value::new(12, 204, 1)));
+        c.release(frozen);
+        assert_eq!(c.get(&Key::new(1, 1, 1)), Some(Value::new(12, 204, 1)));
+        let next = c.freeze();
+        assert_eq!(next.records().collect::<Vec<_>>(), vec![rec(1, 12, 204, 1)]);
+        c.release(next);
+        assert_eq!(c.get(&Key::new(1, 1, 1)), None);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn bound_refuses_new_keys_but_not_updates_or_replay() {
+        let c = Coalescer::new(1, 2);
+        c.upsert(&rec(1, 1, 1, 1)).unwrap();
+        c.upsert(&rec(2, 1, 1, 1)).unwrap();
+        assert_eq!(c.upsert(&rec(3, 1, 1, 1)), Err(Overloaded { max_keys: 2 }));
+        assert_eq!(c.upsert(&rec(1, 2, 2, 1)), Ok(Upsert::Superseded));
+        assert_eq!(c.upsert_unbounded(&rec(3, 1, 1, 1)), Upsert::Inserted);
+        assert_eq!(c.stats().overloaded, 1);
+    }
+
+    #[test]
+    fn profile_entries_and_snapshot_see_both_maps() {
+        let c = Coalescer::new(8, 1000);
+        c.upsert(&rec(1, 1, 10, 1)).unwrap();
+        c.upsert(&Record::new(Key::new(1, 2, 9), Value::new(1, 1, 1)))
+            .unwrap();
+        let frozen = c.freeze();
+        c.upsert(&rec(2, 1, 10, 1)).unwrap();
+        c.upsert(&rec(1, 5, 11, 1)).unwrap();
+        let mut mine = c.profile_entries(1, 1);
+        mine.sort_by_key(|r| r.key.title_id);
+        assert_eq!(mine, vec![rec(1, 5, 11, 1), rec(2, 1, 10, 1)]);
+        let mut all = 0;
+        c.for_each_record(|rs| all += rs.len());
+        assert_eq!(all, 4, "active 2 + frozen 2");
+        c.release(frozen);
+    }
+
+    #[test]
+    fn thaw_returns_unflushed_values_without_hiding_newer_ones() {
+        let c = Coalescer::new(2, 100);
+        c.upsert(&rec(1, 10, 100, 1)).unwrap();
+        c.upsert(&rec(2, 10, 100, 1)).unwrap();
+        let frozen = c.freeze();
+        c.upsert(&rec(1, 20, 200, 1)).unwrap();
+        c.thaw(frozen);
+        assert_eq!(c.get(&Key::new(1, 1, 1)), Some(Value::new(20, 200, 1)));
+        assert_eq!(c.get(&Key::new(1, 1, 2)), Some(Value::new(10, 100, 1)));
+        let again = c.freeze();
+        assert_eq!(again.len(), 2);
+        c.release(again);
+    }
+
+    #[test]
+    fn parallel_replay_equals_sequential() {
+        let records: Vec<Record> = (0..20_000u64)
+            .map(|i| {
+                Record::new(
+                    Key::new(i % 101, i % 3, i % 1_000),
+                    Value::new(i as u32, (i * 7_919) % 5_003, (i % 4) as u32),
+                )
+            })
+            .collect();
+        let (seq, par) = (Coalescer::new(16, 10), Coalescer::new(16, 10));
+        seq.replay_parallel(&records, 1);
+        par.replay_parallel(&records, 2);
+        assert_eq!(seq.len(), par.len());
+        for r in &records {
+            assert_eq!(seq.get(&r.key), par.get(&r.key));
+        }
+    }
+
+    #[test]
+    fn concurrent_writers_converge_on_the_newest() {
+        let c = Arc::new(Coalescer::new(16, 1_000_000));
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let c = Arc::clone(&c);
+                std::thread::spawn(move || {
+                    for i in 0..10_000u64 {
+                        let at = (i * 7 + t as u64 * 13) % 10_007;
+                        c.upsert(&rec(i % 97, at as u32, at, t)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        for title in 0..97u64 {
+            let mut newest: Option<Value> = None;
+            for t in 0..4u32 {
+                for i in (title..10_000).step_by(97) {
+                    let at = (i * 7 + t as u64 * 13) % 10_007;
+                    let v = Value::new(at as u32, at, t);
+                    if newest.is_none_or(|n| v.supersedes(&n)) {
+                        newest = Some(v);
+                    }
+                }
+            }
+            assert_eq!(c.get(&Key::new(1, 1, title)), newest, "title {title}");
+        }
+    }
+}

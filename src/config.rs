@@ -1,0 +1,662 @@
+//! Typed configuration: `config/default.toml`, then `--config PATH`, then environment
+//! variables `PLAYHEAD_<SECTION>__<KEY>` (e.g. `PLAYHEAD_WAL__SYNC_MODE=group`), later ones
+//! winning. A bad value fails at start with the key, the value and what was expected.
+//!
+//! Units are in the names (`_ms`, `_bytes`, `_days`); every queue and buffer has a limit here.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Where the shipped defaults live, relative to the working directory. `playhead serve`
+/// reads it when present; the compiled-in [`Config::default`] holds the same values.
+pub const DEFAULT_CONFIG_PATH: &str = "config/default.toml";
+
+/// A configuration that could not be loaded or does not make sense.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value has the wrong type, an unknown key was given, or a file could not be read.
+    #[error("configuration error: {0}")]
+    Load(String),
+    /// A value parsed but is out of range.
+    #[error("configuration key `{key}` has value `{value}`, expected {expected}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+}
+
+/// The whole configuration. Each section is documented in `config/default.toml`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub http: HttpConfig,
+    pub auth: crate::auth::AuthConfig,
+    pub api: ApiConfig,
+    pub ingest: IngestConfig,
+    pub coalescer: CoalescerConfig,
+    pub wal: WalConfig,
+    pub flush: FlushConfig,
+    pub store: StoreConfig,
+}
+
+/// Process-wide settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Root of everything written to disk; `wal_dir` and the store's directory default to
+    /// sub-directories of it.
+    pub data_dir: PathBuf,
+    /// Tokio worker threads; 0 means one per core.
+    pub worker_threads: usize,
+    /// `tracing` filter, e.g. `info` or `playhead=debug`. `RUST_LOG` overrides it.
+    pub log_level: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            worker_threads: 0,
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// The public HTTP listener and its limits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the public API, `/metrics` and the health checks.
+    pub listen: String,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// A client must send its request headers within this, or the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// A request (body included) must complete within this, or it gets 408.
+    pub request_timeout_ms: u64,
+    /// Open connections at most; further ones are closed at once.
+    pub max_connections: usize,
+    /// `Retry-After` seconds sent with 503 when the server is overloaded.
+    pub retry_after_seconds: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 4_096,
+            header_read_timeout_ms: 5_000,
+            request_timeout_ms: 10_000,
+            max_connections: 10_000,
+            retry_after_seconds: 1,
+        }
+    }
+}
+
+/// Business rules of the public API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// The catalog of titles (docs/catalog.md).
+    pub catalog_path: PathBuf,
+    /// A title watched to at least this fraction of its duration counts as completed.
+    pub completed_ratio: f64,
+    /// A position may exceed the title's duration by this much (credits, rounding).
+    pub position_allowance_seconds: u32,
+    /// Longest continue-watching list returned.
+    pub continue_watching_limit: usize,
+    /// Longest `device_id` accepted.
+    pub max_device_id_bytes: usize,
+    /// Device names remembered for `last_device_id` answers (oldest forgotten first).
+    pub max_device_names: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            catalog_path: PathBuf::from("config/catalog.toml"),
+            completed_ratio: 0.95,
+            position_allowance_seconds: 60,
+            continue_watching_limit: 20,
+            max_device_id_bytes: 64,
+            max_device_names: 1_000_000,
+        }
+    }
+}
+
+/// Rules applied to every heartbeat before it is accepted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// A client-supplied timestamp is clamped to at most server-now plus this.
+    pub max_clock_skew_ms: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_clock_skew_ms: 2_000,
+        }
+    }
+}
+
+/// The sharded in-memory memtable.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoalescerConfig {
+    /// Number of shards, a power of two; several per core keep lock contention low.
+    pub shards: usize,
+    /// Most keys held in memory at once (unflushed plus being flushed). Past it, writes
+    /// are refused with "overloaded" instead of growing without bound.
+    pub max_keys: usize,
+}
+
+impl Default for CoalescerConfig {
+    fn default() -> Self {
+        Self {
+            shards: 64,
+            max_keys: 16_000_000,
+        }
+    }
+}
+
+/// When the commit log makes an appended record durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Acknowledge once the record is in the log's buffer; fsync every `sync_interval_ms`.
+    /// A crash can lose at most that window of acknowledged writes.
+    Periodic,
+    /// Acknowledge only after the fsync that covers the record; fsyncs are shared by every
+    /// caller waiting at that moment.
+    Group,
+}
+
+/// The commit log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalConfig {
+    /// Directory of the segment files; empty means `<data_dir>/wal`.
+    pub dir: PathBuf,
+    pub sync_mode: SyncMode,
+    /// Periodic mode: the longest an acknowledged record waits for its fsync.
+    pub sync_interval_ms: u64,
+    /// A segment is sealed and a new one started past this size.
+    pub segment_bytes: u64,
+    /// Appended bytes not yet written to the file. Past it, appends are refused
+    /// ("overloaded") until the writer catches up.
+    pub max_buffer_bytes: usize,
+    /// When the segments on disk exceed this (the store has been down for long), a snapshot
+    /// of the unflushed keys replaces them.
+    pub snapshot_after_bytes: u64,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::new(),
+            sync_mode: SyncMode::Periodic,
+            sync_interval_ms: 10,
+            segment_bytes: 64 << 20,
+            max_buffer_bytes: 64 << 20,
+            snapshot_after_bytes: 1 << 30,
+        }
+    }
+}
+
+/// Moving deduplicated batches from the coalescer to the store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlushConfig {
+    /// Cadence of flush cycles. Each dirty key is written once per cycle.
+    pub interval_ms: u64,
+    /// Rows per store write.
+    pub batch_rows: usize,
+    /// Store writes in flight at once.
+    pub max_concurrency: usize,
+    /// First retry delay after a failed store write; doubles up to `retry_max_ms`, with
+    /// random jitter.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// On shutdown, how long to keep trying to flush before exiting with the rest safe in
+    /// the commit log.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for FlushConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1_000,
+            batch_rows: 8_192,
+            max_concurrency: 4,
+            retry_initial_ms: 50,
+            retry_max_ms: 10_000,
+            shutdown_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Which store backs the coalescer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// fjall, an LSM tree inside this process. No external service.
+    Embedded,
+}
+
+/// The store and its retention.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// Positions (and deletion markers) untouched for longer are purged. Heartbeats older
+    /// than this are refused at ingest, so a purged deletion cannot be undone by them.
+    pub retention_days: u64,
+    /// How often the retention purge runs.
+    pub purge_interval_ms: u64,
+    /// A read that the store has not answered by then is answered without it (resume at
+    /// 0, or memory only): playback is never blocked by the position store.
+    pub read_timeout_ms: u64,
+    pub embedded: EmbeddedStoreConfig,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: StoreKind::Embedded,
+            retention_days: 180,
+            purge_interval_ms: 3_600_000,
+            read_timeout_ms: 50,
+            embedded: EmbeddedStoreConfig::default(),
+        }
+    }
+}
+
+/// The embedded fjall store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedStoreConfig {
+    /// Directory of the LSM tree; empty means `<data_dir>/store`.
+    pub dir: PathBuf,
+    /// Block cache size.
+    pub cache_bytes: u64,
+}
+
+impl Default for EmbeddedStoreConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::new(),
+            cache_bytes: 64 << 20,
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (or [`DEFAULT_CONFIG_PATH`] when it exists and `file` is
+    /// `None`), then `PLAYHEAD_<SECTION>__<KEY>` variables from `env`, and validates.
+    pub fn load<I>(file: Option<&Path>, env: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) => {
+                if !path.is_file() {
+                    return Err(ConfigError::Load(format!(
+                        "config file {} does not exist or is not a file",
+                        path.display()
+                    )));
+                }
+                figment = figment.merge(Toml::file(path));
+            }
+            None if Path::new(DEFAULT_CONFIG_PATH).is_file() => {
+                figment = figment.merge(Toml::file(DEFAULT_CONFIG_PATH));
+            }
+            None => {}
+        }
+        // Only double-underscore variables are config; PLAYHEAD_TEST_* and friends are not.
+        let vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("PLAYHEAD_") && k.contains("__"))
+            .collect();
+        for (k, v) in &vars {
+            let key = k["PLAYHEAD_".len()..]
+                .to_ascii_lowercase()
+                .replace("__", ".");
+            figment = figment.merge(Serialized::global(&key, parse_env_value(v)));
+        }
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Loads from the process environment.
+    pub fn load_from_process(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load(file, std::env::vars())
+    }
+
+    /// Range checks that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check(
+            "server.log_level",
+            &self.server.log_level,
+            tracing_subscriber::EnvFilter::try_new(&self.server.log_level).is_ok(),
+            "a tracing filter such as `info` or `playhead=debug,info`",
+        )?;
+        check(
+            "server.worker_threads",
+            self.server.worker_threads,
+            self.server.worker_threads <= 1_024,
+            "between 0 (one per core) and 1024",
+        )?;
+        let h = &self.http;
+        check(
+            "http.listen",
+            &h.listen,
+            h.listen.parse::<std::net::SocketAddr>().is_ok(),
+            "an IP address and port such as 127.0.0.1:8080",
+        )?;
+        check(
+            "http.max_body_bytes",
+            h.max_body_bytes,
+            (64..=1 << 20).contains(&h.max_body_bytes),
+            "between 64 and 1048576",
+        )?;
+        check(
+            "http.header_read_timeout_ms",
+            h.header_read_timeout_ms,
+            (1..=600_000).contains(&h.header_read_timeout_ms),
+            "between 1 and 600000",
+        )?;
+        check(
+            "http.request_timeout_ms",
+            h.request_timeout_ms,
+            (1..=600_000).contains(&h.request_timeout_ms),
+            "between 1 and 600000",
+        )?;
+        check(
+            "http.max_connections",
+            h.max_connections,
+            (1..=1_000_000).contains(&h.max_connections),
+            "between 1 and 1000000",
+        )?;
+        let a = &self.api;
+        check(
+            "api.completed_ratio",
+            a.completed_ratio,
+            a.completed_ratio > 0.0 && a.completed_ratio <= 1.0,
+            "a fraction in (0, 1]",
+        )?;
+        check(
+            "api.continue_watching_limit",
+            a.continue_watching_limit,
+            (1..=1_000).contains(&a.continue_watching_limit),
+            "between 1 and 1000",
+        )?;
+        check(
+            "api.max_device_id_bytes",
+            a.max_device_id_bytes,
+            (1..=256).contains(&a.max_device_id_bytes),
+            "between 1 and 256",
+        )?;
+        check(
+            "auth.leeway_seconds",
+            self.auth.leeway_seconds,
+            self.auth.leeway_seconds <= 3_600,
+            "at most 3600",
+        )?;
+        let c = &self.coalescer;
+        check(
+            "coalescer.shards",
+            c.shards,
+            c.shards.is_power_of_two() && c.shards <= 65_536,
+            "a power of two between 1 and 65536",
+        )?;
+        check(
+            "coalescer.max_keys",
+            c.max_keys,
+            c.max_keys >= 1,
+            "at least 1",
+        )?;
+        let w = &self.wal;
+        check(
+            "wal.sync_interval_ms",
+            w.sync_interval_ms,
+            (1..=10_000).contains(&w.sync_interval_ms),
+            "between 1 and 10000",
+        )?;
+        check(
+            "wal.segment_bytes",
+            w.segment_bytes,
+            (64 << 10..=4 << 30).contains(&w.segment_bytes),
+            "between 65536 (64 KiB) and 4294967296 (4 GiB)",
+        )?;
+        check(
+            "wal.max_buffer_bytes",
+            w.max_buffer_bytes,
+            (64 << 10..=1 << 30).contains(&w.max_buffer_bytes),
+            "between 65536 (64 KiB) and 1073741824 (1 GiB)",
+        )?;
+        check(
+            "wal.snapshot_after_bytes",
+            w.snapshot_after_bytes,
+            w.snapshot_after_bytes >= 2 * w.segment_bytes,
+            "at least twice wal.segment_bytes",
+        )?;
+        let f = &self.flush;
+        check(
+            "flush.interval_ms",
+            f.interval_ms,
+            (1..=3_600_000).contains(&f.interval_ms),
+            "between 1 and 3600000",
+        )?;
+        check(
+            "flush.batch_rows",
+            f.batch_rows,
+            (1..=1_000_000).contains(&f.batch_rows),
+            "between 1 and 1000000",
+        )?;
+        check(
+            "flush.max_concurrency",
+            f.max_concurrency,
+            (1..=1_024).contains(&f.max_concurrency),
+            "between 1 and 1024",
+        )?;
+        check(
+            "flush.retry_initial_ms",
+            f.retry_initial_ms,
+            f.retry_initial_ms >= 1,
+            "at least 1",
+        )?;
+        check(
+            "flush.retry_max_ms",
+            f.retry_max_ms,
+            f.retry_max_ms >= f.retry_initial_ms,
+            "at least flush.retry_initial_ms",
+        )?;
+        let s = &self.store;
+        check(
+            "store.retention_days",
+            s.retention_days,
+            (1..=36_500).contains(&s.retention_days),
+            "between 1 and 36500",
+        )?;
+        check(
+            "store.purge_interval_ms",
+            s.purge_interval_ms,
+            s.purge_interval_ms >= 1_000,
+            "at least 1000",
+        )?;
+        check(
+            "store.read_timeout_ms",
+            s.read_timeout_ms,
+            (1..=60_000).contains(&s.read_timeout_ms),
+            "between 1 and 60000",
+        )?;
+        Ok(())
+    }
+
+    /// The commit log's directory.
+    pub fn wal_dir(&self) -> PathBuf {
+        resolve(&self.server.data_dir, &self.wal.dir, "wal")
+    }
+
+    /// The embedded store's directory.
+    pub fn embedded_store_dir(&self) -> PathBuf {
+        resolve(&self.server.data_dir, &self.store.embedded.dir, "store")
+    }
+
+    /// Retention as milliseconds.
+    pub fn retention_ms(&self) -> u64 {
+        self.store.retention_days.saturating_mul(86_400_000)
+    }
+}
+
+fn resolve(data_dir: &Path, dir: &Path, default_name: &str) -> PathBuf {
+    if dir.as_os_str().is_empty() {
+        data_dir.join(default_name)
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+fn check<T: ToString>(
+    key: &'static str,
+    value: T,
+    ok: bool,
+    expected: &'static str,
+) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            value: value.to_string(),
+            expected,
+        })
+    }
+}
+
+/// Environment values are typed the way TOML would type them (`10` is an integer, `true`
+/// a boolean), and anything else is a string.
+fn parse_env_value(raw: &str) -> figment::value::Value {
+    match raw.parse::<figment::value::Value>() {
+        Ok(v) => v,
+        Err(never) => match never {},
+    }
+}
+
+fn describe_figment_error(e: figment::Error) -> String {
+    e.into_iter()
+        .map(|e| {
+            let key = if e.path.is_empty() {
+                String::from("(top level)")
+            } else {
+                e.path.join(".")
+            };
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| format!(" (from {})", m.name))
+                .unwrap_or_default();
+            format!("key `{key}`{source}: {}", e.kind)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn shipped_default_file_equals_compiled_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
+        let loaded = Config::load(Some(&path), env(&[])).expect("default.toml loads");
+        assert_eq!(loaded, Config::default());
+    }
+
+    #[test]
+    fn environment_overrides_file_and_ignores_unrelated_vars() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("PLAYHEAD_WAL__SYNC_MODE", "group"),
+                ("PLAYHEAD_FLUSH__INTERVAL_MS", "250"),
+                ("PLAYHEAD_STORE__EMBEDDED__CACHE_BYTES", "1048576"),
+                ("PLAYHEAD_TEST_CASSANDRA", "127.0.0.1:9042"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(c.wal.sync_mode, SyncMode::Group);
+        assert_eq!(c.flush.interval_ms, 250);
+        assert_eq!(c.store.embedded.cache_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn bad_type_names_key_and_value() {
+        let err = Config::load(None, env(&[("PLAYHEAD_FLUSH__INTERVAL_MS", "soon")]))
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("flush.interval_ms"), "{err}");
+        assert!(err.contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_names_key_value_and_expectation() {
+        let err = Config::load(None, env(&[("PLAYHEAD_COALESCER__SHARDS", "12")]))
+            .expect_err("must fail")
+            .to_string();
+        assert_eq!(
+            err,
+            "configuration key `coalescer.shards` has value `12`, expected a power of two between 1 and 65536"
+        );
+    }
+
+    #[test]
+    fn unknown_key_and_bad_enum_are_refused() {
+        let err = Config::load(None, env(&[("PLAYHEAD_WAL__SYNC_MOOD", "group")]))
+            .expect_err("unknown key")
+            .to_string();
+        assert!(err.contains("sync_mood"), "{err}");
+        let err = Config::load(None, env(&[("PLAYHEAD_WAL__SYNC_MODE", "sometimes")]))
+            .expect_err("bad enum")
+            .to_string();
+        assert!(
+            err.contains("sometimes") && err.contains("wal.sync_mode"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/playhead.toml")), env(&[]))
+            .expect_err("missing file");
+        assert!(err.to_string().contains("/nonexistent/playhead.toml"));
+    }
+
+    #[test]
+    fn directories_default_under_data_dir() {
+        let mut c = Config::default();
+        c.server.data_dir = PathBuf::from("/srv/ph");
+        assert_eq!(c.wal_dir(), PathBuf::from("/srv/ph/wal"));
+        assert_eq!(c.embedded_store_dir(), PathBuf::from("/srv/ph/store"));
+        c.wal.dir = PathBuf::from("/fast/wal");
+        assert_eq!(c.wal_dir(), PathBuf::from("/fast/wal"));
+    }
+}

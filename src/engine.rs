@@ -1,0 +1,411 @@
+//! The engine: one handle over the commit log, the coalescer, the flusher and the store.
+//!
+//! Write path, in this order (the order is what makes log truncation safe, see [`crate::wal`]):
+//! 1. upsert every record into the coalescer (last-write-wins);
+//! 2. append them to the commit log;
+//! 3. in `group` mode, wait for the fsync that covers them;
+//! 4. acknowledge.
+//!
+//! Read path: coalescer (active, then the map being flushed), then the store within
+//! `store.read_timeout_ms`; a store that errs or is slow degrades the answer instead of
+//! failing it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::coalescer::{Coalescer, Overloaded};
+use crate::config::{Config, SyncMode};
+use crate::flusher::{self, FlushError, FlushReport};
+use crate::model::{self, Key, Record, Value};
+use crate::store::{Store, TitleEntry};
+use crate::wal::{ReplayReport, Wal, WalError, WalOptions};
+
+/// Log records gathered before a parallel replay step: large enough to amortise the thread
+/// hand-off, small enough (10 MB) not to matter for memory.
+const REPLAY_CHUNK_RECORDS: usize = 262_144;
+
+/// Why a write was not acknowledged. Nothing here was acknowledged; a retry is safe
+/// because writes are idempotent under last-write-wins.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The coalescer or the log buffer is full: retry after a short delay.
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
+    #[error("{0}")]
+    Log(#[from] WalError),
+}
+
+impl WriteError {
+    /// True when waiting a little is the remedy (HTTP 503 + Retry-After, binary BUSY).
+    pub fn is_overload(&self) -> bool {
+        matches!(
+            self,
+            WriteError::Overloaded(_) | WriteError::Log(WalError::BufferFull(_))
+        )
+    }
+}
+
+/// Why a heartbeat is refused before it reaches the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RejectReason {
+    #[error("position_seconds is reserved")]
+    ReservedPosition,
+    #[error("timestamp is older than the retention period")]
+    TooOld,
+}
+
+/// What [`Engine::write`] did with an acknowledged call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteReceipt {
+    /// Records that became the newest value of their key.
+    pub applied: usize,
+    /// Records that were older than (or equal to) what was already held: no-ops.
+    pub stale: usize,
+}
+
+/// Where a read's answer came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadSource {
+    /// The coalescer held the newest value.
+    Memory,
+    /// The store answered.
+    Store,
+    /// The store failed or timed out: the answer is "nothing known".
+    Degraded,
+}
+
+/// A read's answer: `value` is `None` for never written, deleted, or degraded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadResult {
+    pub value: Option<Value>,
+    pub source: ReadSource,
+}
+
+/// Engine-wide counters, read by metrics. Relaxed atomics bumped once per call or batch,
+/// never per record on the hot path.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub write_calls: AtomicU64,
+    pub write_records: AtomicU64,
+    pub write_refused: AtomicU64,
+    pub reads_memory: AtomicU64,
+    pub reads_store: AtomicU64,
+    pub reads_degraded: AtomicU64,
+    pub flush_cycles: AtomicU64,
+    pub flush_batches: AtomicU64,
+    pub flush_rows: AtomicU64,
+    pub flush_errors: AtomicU64,
+    pub flush_retries: AtomicU64,
+    pub flush_seconds: crate::metrics::Histogram,
+    pub purged_rows: AtomicU64,
+    pub purge_errors: AtomicU64,
+}
+
+/// Everything the engine's handles share.
+pub struct Shared {
+    pub config: Config,
+    pub coalescer: Coalescer,
+    pub wal: Wal,
+    pub store: Arc<dyn Store>,
+    pub stats: EngineStats,
+    /// Serialises flush cycles (the coalescer holds one frozen generation at a time).
+    pub(crate) flush_lock: tokio::sync::Mutex<()>,
+    /// Flipped once on shutdown; background loops watch it.
+    pub(crate) shutdown: watch::Sender<bool>,
+}
+
+/// The engine handle: cheap to clone, shared by every server task.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+/// What start-up replay found, plus how long it took.
+#[derive(Clone, Debug)]
+pub struct OpenReport {
+    pub replay: ReplayReport,
+    pub replay_duration: Duration,
+}
+
+/// What a graceful shutdown achieved.
+#[derive(Clone, Debug, Default)]
+pub struct ShutdownReport {
+    pub flushed_rows: usize,
+    /// Keys still only in the commit log because the store did not take them in time.
+    pub left_in_log: usize,
+}
+
+impl Engine {
+    /// Opens the commit log, replays it into a fresh coalescer, and returns the engine.
+    /// Background work (flush cadence, retention, log snapshots) starts with
+    /// [`Engine::spawn_background`].
+    pub fn open(config: Config, store: Arc<dyn Store>) -> std::io::Result<(Self, OpenReport)> {
+        let coalescer = Coalescer::new(config.coalescer.shards, config.coalescer.max_keys);
+        let opts = WalOptions {
+            dir: config.wal_dir(),
+            sync_mode: config.wal.sync_mode,
+            sync_interval_ms: config.wal.sync_interval_ms,
+            segment_bytes: config.wal.segment_bytes,
+            max_buffer_bytes: config.wal.max_buffer_bytes,
+        };
+        let started = std::time::Instant::now();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut pending: Vec<Record> = Vec::with_capacity(REPLAY_CHUNK_RECORDS);
+        let (wal, replay) = Wal::open(opts, |records| {
+            pending.extend_from_slice(records);
+            if pending.len() >= REPLAY_CHUNK_RECORDS {
+                coalescer.replay_parallel(&pending, threads);
+                pending.clear();
+            }
+        })?;
+        coalescer.replay_parallel(&pending, threads);
+        drop(pending);
+        let replay_duration = started.elapsed();
+        for problem in &replay.problems {
+            tracing::warn!("commit-log replay: {problem}");
+        }
+        tracing::info!(
+            records = replay.records,
+            segments = replay.segments,
+            snapshot = ?replay.snapshot,
+            keys = coalescer.len(),
+            ms = replay_duration.as_millis() as u64,
+            "commit log replayed"
+        );
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            config,
+            coalescer,
+            wal,
+            store,
+            stats: EngineStats::default(),
+            flush_lock: tokio::sync::Mutex::new(()),
+            shutdown,
+        });
+        Ok((
+            Self { shared },
+            OpenReport {
+                replay,
+                replay_duration,
+            },
+        ))
+    }
+
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Builds the record for one heartbeat: stamps it (server time, or the client's clamped
+    /// to the allowed skew) and checks it against the rules every protocol shares.
+    pub fn heartbeat(
+        &self,
+        key: Key,
+        position_seconds: u32,
+        device_id: u32,
+        client_timestamp_ms: Option<u64>,
+    ) -> Result<Record, RejectReason> {
+        let now = model::now_ms();
+        let at = model::stamp(
+            client_timestamp_ms,
+            now,
+            self.shared.config.ingest.max_clock_skew_ms,
+        );
+        model::validate_position(position_seconds).map_err(|_| RejectReason::ReservedPosition)?;
+        if at < now.saturating_sub(self.shared.config.retention_ms()) {
+            return Err(RejectReason::TooOld);
+        }
+        Ok(Record::new(
+            key,
+            Value::new(position_seconds, at, device_id),
+        ))
+    }
+
+    /// The tombstone record that deletes `key` now.
+    pub fn deletion(&self, key: Key) -> Record {
+        Record::new(key, Value::tombstone(model::now_ms()))
+    }
+
+    /// Takes `records` into the coalescer and the commit log and returns once they may be
+    /// acknowledged (in `group` mode: once fsynced).
+    pub async fn write(&self, records: &[Record]) -> Result<WriteReceipt, WriteError> {
+        let shared = &self.shared;
+        shared.stats.write_calls.fetch_add(1, Ordering::Relaxed);
+        let mut receipt = WriteReceipt::default();
+        for r in records {
+            match shared.coalescer.upsert(r) {
+                Ok(crate::coalescer::Upsert::Stale) => receipt.stale += 1,
+                Ok(_) => receipt.applied += 1,
+                Err(e) => {
+                    shared.stats.write_refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(e.into());
+                }
+            }
+        }
+        // Stale records are logged too: the newer value that made them stale may not be in
+        // the log yet, and this caller's acknowledgement must not depend on another's.
+        let lsn = shared.wal.append(records).inspect_err(|_| {
+            shared.stats.write_refused.fetch_add(1, Ordering::Relaxed);
+        })?;
+        if shared.config.wal.sync_mode == SyncMode::Group {
+            shared.wal.wait_durable(lsn).await?;
+        }
+        shared
+            .stats
+            .write_records
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        Ok(receipt)
+    }
+
+    /// The newest visible value of `key`: the newer of what memory and the store hold, the
+    /// store asked within the read budget. Never fails: when the store errs or is slow the
+    /// answer is memory's value, or [`ReadSource::Degraded`] when memory has none.
+    ///
+    /// Memory alone is not enough: a late heartbeat older than a value already flushed is
+    /// held in memory (the coalescer does not read the store on ingest) until the next flush,
+    /// where the store's last-write-wins drops it; the merge hides it from reads meanwhile.
+    pub async fn get(&self, key: Key) -> ReadResult {
+        let shared = &self.shared;
+        let in_memory = shared.coalescer.get(&key);
+        let budget = Duration::from_millis(shared.config.store.read_timeout_ms);
+        let stored = match tokio::time::timeout(budget, shared.store.get(key)).await {
+            Ok(Ok(stored)) => Ok(stored),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("timed out after {} ms", budget.as_millis())),
+        };
+        let (value, source) = match (in_memory, stored) {
+            (Some(m), Ok(Some(s))) if !m.supersedes(&s) => (Some(s), ReadSource::Store),
+            (Some(m), Ok(_)) => (Some(m), ReadSource::Memory),
+            (None, Ok(s)) => (s, ReadSource::Store),
+            (Some(m), Err(why)) => {
+                tracing::debug!("store read failed ({why}); answering from memory");
+                (Some(m), ReadSource::Memory)
+            }
+            (None, Err(why)) => return self.degraded(format_args!("{why}")),
+        };
+        let counter = match source {
+            ReadSource::Memory => &shared.stats.reads_memory,
+            _ => &shared.stats.reads_store,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        ReadResult {
+            value: value.filter(|v| !v.is_tombstone()),
+            source,
+        }
+    }
+
+    fn degraded(&self, why: std::fmt::Arguments<'_>) -> ReadResult {
+        self.shared
+            .stats
+            .reads_degraded
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("store read degraded: {why}");
+        ReadResult {
+            value: None,
+            source: ReadSource::Degraded,
+        }
+    }
+
+    /// One profile's visible titles (at most `limit` rows from the store merged with what
+    /// memory holds, newer wins, tombstones hidden), unordered. Degrades to memory only when the store fails.
+    pub async fn list_profile(
+        &self,
+        account_id: u64,
+        profile_id: u64,
+        limit: usize,
+    ) -> (Vec<TitleEntry>, ReadSource) {
+        let shared = &self.shared;
+        let budget = Duration::from_millis(shared.config.store.read_timeout_ms);
+        let listed = tokio::time::timeout(
+            budget,
+            shared.store.list_profile(account_id, profile_id, limit),
+        )
+        .await;
+        let (mut entries, source) = match listed {
+            Ok(Ok(entries)) => (entries, ReadSource::Store),
+            Ok(Err(e)) => (Vec::new(), self.degraded(format_args!("{e}")).source),
+            Err(_) => (
+                Vec::new(),
+                self.degraded(format_args!("list timed out")).source,
+            ),
+        };
+        for r in shared.coalescer.profile_entries(account_id, profile_id) {
+            match entries.iter_mut().find(|e| e.title_id == r.key.title_id) {
+                Some(e) if r.value.supersedes(&e.value) => e.value = r.value,
+                Some(_) => {}
+                None => entries.push(TitleEntry {
+                    title_id: r.key.title_id,
+                    value: r.value,
+                }),
+            }
+        }
+        entries.retain(|e| !e.value.is_tombstone());
+        (entries, source)
+    }
+
+    /// Runs one flush cycle now, retrying store errors until it succeeds.
+    pub async fn flush(&self) -> Result<FlushReport, FlushError> {
+        flusher::flush_cycle(&self.shared, None).await
+    }
+
+    /// Starts the flush cadence, the retention purge and the commit-log guard (snapshots
+    /// when the log outgrows `wal.snapshot_after_bytes`).
+    pub fn spawn_background(&self) -> Background {
+        let handles = vec![
+            tokio::spawn(flusher::flush_loop(Arc::clone(&self.shared))),
+            tokio::spawn(flusher::purge_loop(Arc::clone(&self.shared))),
+            tokio::spawn(flusher::log_guard_loop(Arc::clone(&self.shared))),
+        ];
+        Background { handles }
+    }
+
+    /// Graceful shutdown: stops the background loops, flushes everything the coalescer
+    /// holds (giving up after `flush.shutdown_timeout_ms`, with the rest safe in the log),
+    /// then writes and fsyncs the commit log and closes it.
+    pub async fn shutdown(&self, background: Option<Background>) -> ShutdownReport {
+        let shared = &self.shared;
+        shared.shutdown.send_replace(true);
+        if let Some(bg) = background {
+            bg.join().await;
+        }
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(shared.config.flush.shutdown_timeout_ms);
+        let mut report = ShutdownReport::default();
+        while !shared.coalescer.is_empty() {
+            match flusher::flush_cycle(shared, Some(deadline)).await {
+                Ok(r) => report.flushed_rows += r.rows,
+                Err(e) => {
+                    tracing::error!(
+                        "final flush incomplete: {e}; the rest stays in the commit log"
+                    );
+                    break;
+                }
+            }
+        }
+        report.left_in_log = shared.coalescer.len();
+        shared.wal.close();
+        report
+    }
+}
+
+/// The engine's background tasks; they end when shutdown is signalled.
+pub struct Background {
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Background {
+    async fn join(self) {
+        for h in self.handles {
+            if let Err(e) = h.await {
+                tracing::error!("background task failed: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! A store decorator that fails or slows down on command, for outage and degraded-read
+//! tests. It wraps a real store; with every fault off it is a transparent pass-through.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{Store, StoreError, TitleEntry};
+use crate::model::{Key, Record, Value};
+
+/// The knobs of a [`FaultyStore`], shared between the store and the test that drives it.
+#[derive(Debug, Default)]
+pub struct FaultSwitch {
+    fail_writes: AtomicBool,
+    fail_reads: AtomicBool,
+    read_delay_ms: AtomicU64,
+    write_attempts: AtomicU64,
+    failed_writes: AtomicU64,
+    rows_written: AtomicU64,
+}
+
+impl FaultSwitch {
+    /// Makes every write (or read) fail with [`StoreError::Unavailable`], or stop failing.
+    pub fn set_failing(&self, writes: bool, reads: bool) {
+        self.fail_writes.store(writes, Ordering::SeqCst);
+        self.fail_reads.store(reads, Ordering::SeqCst);
+    }
+
+    /// Delays every read by `ms` before answering (0 = no delay).
+    pub fn set_read_delay_ms(&self, ms: u64) {
+        self.read_delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Write batches attempted, including failed ones.
+    pub fn write_attempts(&self) -> u64 {
+        self.write_attempts.load(Ordering::SeqCst)
+    }
+
+    /// Write batches refused by an injected failure.
+    pub fn failed_writes(&self) -> u64 {
+        self.failed_writes.load(Ordering::SeqCst)
+    }
+
+    /// Rows passed to the inner store by successful batches.
+    pub fn rows_written(&self) -> u64 {
+        self.rows_written.load(Ordering::SeqCst)
+    }
+
+    async fn before_read(&self) -> Result<(), StoreError> {
+        let delay_ms = self.read_delay_ms.load(Ordering::SeqCst);
+        if delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        }
+        if self.fail_reads.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected read failure".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Wraps `S`, consulting a shared [`FaultSwitch`] before every call.
+pub struct FaultyStore<S> {
+    inner: S,
+    switch: Arc<FaultSwitch>,
+}
+
+impl<S: Store> FaultyStore<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            switch: Arc::new(FaultSwitch::default()),
+        }
+    }
+
+    /// The switch that controls this store's faults.
+    pub fn switch(&self) -> Arc<FaultSwitch> {
+        Arc::clone(&self.switch)
+    }
+
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+#[async_trait]
+impl<S: Store> Store for FaultyStore<S> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError> {
+        self.switch.write_attempts.fetch_add(1, Ordering::SeqCst);
+        if self.switch.fail_writes.load(Ordering::SeqCst) {
+            self.switch.failed_writes.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::Unavailable("injected write failure".into()));
+        }
+        self.inner.write_batch(records).await?;
+        self.switch
+            .rows_written
+            .fetch_add(records.len() as u64, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn get(&self, key: Key) -> Result<Option<Value>, StoreError> {
+        self.switch.before_read().await?;
+        self.inner.get(key).await
+    }
+
+    async fn list_profile(
+        &self,
+        account_id: u64,
+        profile_id: u64,
+        limit: usize,
+    ) -> Result<Vec<TitleEntry>, StoreError> {
+        self.switch.before_read().await?;
+        self.inner.list_profile(account_id, profile_id, limit).await
+    }
+
+    async fn purge_older_than(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
+        if self.switch.fail_writes.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected write failure".into()));
+        }
+        self.inner.purge_older_than(cutoff_ms).await
+    }
+}

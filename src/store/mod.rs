@@ -1,0 +1,77 @@
+//! Stores: where deduplicated batches land after the coalescer.
+//!
+//! A new store is one file implementing [`Store`]. Every store enforces last-write-wins by
+//! [`Value::version`] itself, so an older write that reaches it after a newer one (a retried
+//! batch, a second ingest node, a replayed log) can never overwrite the newer value, and a
+//! tombstone hides every older value but loses to a later heartbeat.
+//!
+//! Every store must pass the one conformance suite in `tests/store_conformance.rs`.
+
+use async_trait::async_trait;
+
+use crate::model::{Key, Record, Value};
+
+pub mod embedded;
+pub mod faulty;
+
+pub use embedded::EmbeddedStore;
+pub use faulty::FaultyStore;
+
+/// What can go wrong talking to a store. Callers treat every variant as retryable for
+/// writes (the data stays in memory and in the log) and as "degrade" for reads.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    #[error("store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("store request timed out after {0} ms")]
+    Timeout(u64),
+    #[error("store holds a malformed row for {key:?}: {detail}")]
+    Corrupt { key: Option<Key>, detail: String },
+}
+
+/// One profile's title as a store lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TitleEntry {
+    pub title_id: u64,
+    pub value: Value,
+}
+
+/// The contract every position store keeps.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// A short name for logs and metrics (`embedded`, `cassandra`, …).
+    fn name(&self) -> &'static str;
+
+    /// Applies every record with last-write-wins. `Ok` means every record is durable in the
+    /// store (or was superseded by a newer value that is); only then may the commit log
+    /// drop it. An empty batch is a no-op. Records in one batch have distinct keys.
+    async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError>;
+
+    /// The newest stored version of one key, *tombstones included* (`None` only when the key
+    /// was never written or has been purged). The engine merges it with memory by
+    /// last-write-wins, so it must see a tombstone to know it hides an older value in memory.
+    async fn get(&self, key: Key) -> Result<Option<Value>, StoreError>;
+
+    /// Up to `limit` titles of one profile with their newest stored version, tombstones
+    /// included (for the same reason as [`Store::get`]), in title order. Callers filter
+    /// tombstones and sort by recency themselves.
+    async fn list_profile(
+        &self,
+        account_id: u64,
+        profile_id: u64,
+        limit: usize,
+    ) -> Result<Vec<TitleEntry>, StoreError>;
+
+    /// Deletes `key` as of `at_ms` with a tombstone, so a late heartbeat older than the
+    /// delete cannot bring the title back.
+    async fn delete(&self, key: Key, at_ms: u64) -> Result<(), StoreError> {
+        self.write_batch(&[Record::new(key, Value::tombstone(at_ms))])
+            .await
+    }
+
+    /// Removes every value and tombstone last updated before `cutoff_ms` and returns how
+    /// many rows it removed. Stores with native expiry (TTL) may return `Ok(0)`.
+    async fn purge_older_than(&self, cutoff_ms: u64) -> Result<u64, StoreError>;
+}

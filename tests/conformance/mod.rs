@@ -1,0 +1,348 @@
+//! The store conformance suite: one set of cases every [`Store`] must pass.
+//!
+//! A store plugs in through [`conformance_suite!`], which expands to one `#[tokio::test]` per
+//! case. Cases never assume an empty store: each one draws a fresh random account id, so the
+//! suite can share one long-lived external store (a Cassandra node) across cases and runs.
+
+use std::sync::Arc;
+
+use playhead::model::{Key, Record, Value};
+use playhead::store::Store;
+
+/// A store under test and what it promises.
+pub struct Subject {
+    pub store: Arc<dyn Store>,
+    /// True when `purge_older_than` removes rows itself; false for stores that expire rows
+    /// by a native TTL (the case then only checks that purging never removes recent rows).
+    pub purges_rows: bool,
+    /// Keeps whatever the store needs alive (a temporary directory, a session).
+    pub _guard: Box<dyn std::any::Any + Send + Sync>,
+}
+
+/// A realistic "now" for the cases: 2025-10-09, so timestamps survive any store's
+/// microsecond conversion and TTL arithmetic.
+pub const BASE_MS: u64 = 1_760_000_000_000;
+
+/// A fresh account id no other case or earlier run uses.
+pub fn fresh_account() -> u64 {
+    rand::random::<u64>() >> 1
+}
+
+fn rec(key: Key, position: u32, at_ms: u64, device: u32) -> Record {
+    Record::new(key, Value::new(position, at_ms, device))
+}
+
+/// Every order of arrival of four versions of one key ends in the newest one, whether each
+/// arrives in its own batch or the writes are spread over two keys per batch.
+pub async fn lww_every_arrival_order(s: Subject) {
+    let account = fresh_account();
+    // Ordered oldest → newest: by timestamp, then device on a tie, then position.
+    let versions = [
+        Value::new(100, BASE_MS, 7),
+        Value::new(50, BASE_MS + 1, 1),
+        Value::new(40, BASE_MS + 1, 2),
+        Value::new(41, BASE_MS + 1, 2),
+    ];
+    let mut orders = Vec::new();
+    permutations(&mut (0..versions.len()).collect::<Vec<_>>(), 0, &mut orders);
+    assert_eq!(orders.len(), 24);
+    for (n, order) in orders.iter().enumerate() {
+        let key = Key::new(account, 1, n as u64);
+        for &i in order {
+            s.store
+                .write_batch(&[Record::new(key, versions[i])])
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            s.store.get(key).await.unwrap(),
+            Some(versions[3]),
+            "arrival order {order:?}"
+        );
+    }
+}
+
+fn permutations(items: &mut Vec<usize>, k: usize, out: &mut Vec<Vec<usize>>) {
+    if k == items.len() {
+        out.push(items.clone());
+        return;
+    }
+    for i in k..items.len() {
+        items.swap(k, i);
+        permutations(items, k + 1, out);
+        items.swap(k, i);
+    }
+}
+
+/// Writing the same version twice changes nothing; an older version after a newer one is
+/// ignored even in a batch together with fresh keys.
+pub async fn stale_and_duplicate_writes(s: Subject) {
+    let account = fresh_account();
+    let a = Key::new(account, 1, 1);
+    let b = Key::new(account, 1, 2);
+    s.store
+        .write_batch(&[rec(a, 500, BASE_MS + 10, 1)])
+        .await
+        .unwrap();
+    s.store
+        .write_batch(&[rec(a, 500, BASE_MS + 10, 1)])
+        .await
+        .unwrap();
+    s.store
+        .write_batch(&[rec(a, 900, BASE_MS + 9, 9), rec(b, 1, BASE_MS, 1)])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.store.get(a).await.unwrap(),
+        Some(Value::new(500, BASE_MS + 10, 1))
+    );
+    assert_eq!(
+        s.store.get(b).await.unwrap(),
+        Some(Value::new(1, BASE_MS, 1))
+    );
+}
+
+/// A delete hides older values whenever they arrive, and a later heartbeat revives the
+/// title. The store returns the tombstone itself so callers can merge it with memory.
+pub async fn deletes_versus_late_writes(s: Subject) {
+    let account = fresh_account();
+    let key = Key::new(account, 3, 42);
+    s.store
+        .write_batch(&[rec(key, 100, BASE_MS + 100, 1)])
+        .await
+        .unwrap();
+    s.store.delete(key, BASE_MS + 200).await.unwrap();
+    // A heartbeat that was in flight before the delete.
+    s.store
+        .write_batch(&[rec(key, 150, BASE_MS + 150, 1)])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.store.get(key).await.unwrap(),
+        Some(Value::tombstone(BASE_MS + 200))
+    );
+    // Same millisecond as the delete: the delete wins the tie.
+    s.store
+        .write_batch(&[rec(key, 160, BASE_MS + 200, 5)])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.store.get(key).await.unwrap(),
+        Some(Value::tombstone(BASE_MS + 200))
+    );
+    // The viewer watches again later.
+    s.store
+        .write_batch(&[rec(key, 10, BASE_MS + 300, 2)])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.store.get(key).await.unwrap(),
+        Some(Value::new(10, BASE_MS + 300, 2))
+    );
+
+    // A delete that reaches the store before the older heartbeat it must hide.
+    let other = Key::new(account, 3, 43);
+    s.store.delete(other, BASE_MS + 500).await.unwrap();
+    s.store
+        .write_batch(&[rec(other, 70, BASE_MS + 400, 1)])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.store.get(other).await.unwrap(),
+        Some(Value::tombstone(BASE_MS + 500))
+    );
+    let listed = s.store.list_profile(account, 3, 10).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed[1].value.is_tombstone());
+}
+
+/// Listing returns exactly one profile's titles, in title order, with tombstones, up to the
+/// limit, never a neighbour's, including at the edges of the id space.
+pub async fn listing_is_one_profile(s: Subject) {
+    let account = fresh_account();
+    let mut batch = Vec::new();
+    for title in [5u64, 1, 9, 3, u64::MAX] {
+        batch.push(rec(
+            Key::new(account, 7, title),
+            title as u32 % 1000,
+            BASE_MS + title % 1000,
+            1,
+        ));
+    }
+    // Neighbours that a sloppy key layout would mix in.
+    batch.push(rec(Key::new(account, 6, 2), 1, BASE_MS, 1));
+    batch.push(rec(Key::new(account, 8, 2), 1, BASE_MS, 1));
+    batch.push(rec(Key::new(account + 1, 7, 2), 1, BASE_MS, 1));
+    batch.push(rec(Key::new(account, u64::MAX, 4), 1, BASE_MS, 1));
+    batch.push(rec(Key::new(account + 1, 0, 4), 1, BASE_MS, 1));
+    s.store.write_batch(&batch).await.unwrap();
+    s.store
+        .delete(Key::new(account, 7, 9), BASE_MS + 5000)
+        .await
+        .unwrap();
+
+    let listed = s.store.list_profile(account, 7, 100).await.unwrap();
+    let titles: Vec<u64> = listed.iter().map(|e| e.title_id).collect();
+    assert_eq!(titles, vec![1, 3, 5, 9, u64::MAX]);
+    assert!(listed[3].value.is_tombstone());
+    assert_eq!(listed[0].value, Value::new(1, BASE_MS + 1, 1));
+
+    let limited = s.store.list_profile(account, 7, 2).await.unwrap();
+    assert_eq!(
+        limited.iter().map(|e| e.title_id).collect::<Vec<_>>(),
+        vec![1, 3]
+    );
+
+    let edge = s.store.list_profile(account, u64::MAX, 100).await.unwrap();
+    assert_eq!(edge.iter().map(|e| e.title_id).collect::<Vec<_>>(), vec![4]);
+    let next = s.store.list_profile(account + 1, 0, 100).await.unwrap();
+    assert_eq!(next.iter().map(|e| e.title_id).collect::<Vec<_>>(), vec![4]);
+    assert!(s
+        .store
+        .list_profile(account, 99, 100)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// Missing keys and profiles read as nothing, not as an error.
+pub async fn missing_reads_are_empty(s: Subject) {
+    let account = fresh_account();
+    assert_eq!(s.store.get(Key::new(account, 1, 1)).await.unwrap(), None);
+    assert!(s
+        .store
+        .list_profile(account, 1, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// Retention removes values and tombstones last updated before the cutoff and nothing
+/// newer. Stores with native TTL expiry only have to leave recent rows alone.
+pub async fn retention_purges_only_old_rows(s: Subject) {
+    let account = fresh_account();
+    let old = Key::new(account, 1, 1);
+    let old_tombstone = Key::new(account, 1, 2);
+    let recent = Key::new(account, 1, 3);
+    let cutoff = BASE_MS;
+    s.store
+        .write_batch(&[
+            rec(old, 10, cutoff - 1, 1),
+            Record::new(old_tombstone, Value::tombstone(cutoff - 1000)),
+            rec(recent, 30, cutoff, 1),
+        ])
+        .await
+        .unwrap();
+    let removed = s.store.purge_older_than(cutoff).await.unwrap();
+    assert_eq!(
+        s.store.get(recent).await.unwrap(),
+        Some(Value::new(30, cutoff, 1))
+    );
+    if s.purges_rows {
+        assert!(removed >= 2, "removed {removed}");
+        assert_eq!(s.store.get(old).await.unwrap(), None);
+        assert_eq!(s.store.get(old_tombstone).await.unwrap(), None);
+        let listed = s.store.list_profile(account, 1, 10).await.unwrap();
+        assert_eq!(listed.len(), 1);
+    }
+}
+
+/// Batches of 0, 1 and 50 000 rows; the large one spans many profiles.
+pub async fn batch_sizes(s: Subject) {
+    let account = fresh_account();
+    s.store.write_batch(&[]).await.unwrap();
+
+    let single = Key::new(account, 0, 0);
+    s.store
+        .write_batch(&[rec(single, 1, BASE_MS, 1)])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.store.get(single).await.unwrap(),
+        Some(Value::new(1, BASE_MS, 1))
+    );
+
+    let large: Vec<Record> = (0..50_000u64)
+        .map(|i| {
+            rec(
+                Key::new(account, 1 + i / 100, i % 100),
+                i as u32,
+                BASE_MS + i,
+                3,
+            )
+        })
+        .collect();
+    s.store.write_batch(&large).await.unwrap();
+    for i in (0..50_000u64).step_by(997) {
+        let key = Key::new(account, 1 + i / 100, i % 100);
+        assert_eq!(
+            s.store.get(key).await.unwrap(),
+            Some(Value::new(i as u32, BASE_MS + i, 3))
+        );
+    }
+    let profile = s.store.list_profile(account, 250, 1000).await.unwrap();
+    assert_eq!(profile.len(), 100);
+    assert_eq!(profile[99].value, Value::new(24_999, BASE_MS + 24_999, 3));
+}
+
+/// Two writers (two ingest nodes, or a retried batch racing a new one) send versions of the
+/// same keys concurrently in opposite orders; the newest version of every key wins.
+pub async fn concurrent_writers_converge(s: Subject) {
+    let account = fresh_account();
+    const KEYS: u64 = 200;
+    const ROUNDS: u64 = 20;
+    let write = |reverse: bool, parity: u64| {
+        let store = Arc::clone(&s.store);
+        tokio::spawn(async move {
+            let mut rounds: Vec<u64> = (0..ROUNDS).filter(|r| r % 2 == parity).collect();
+            if reverse {
+                rounds.reverse();
+            }
+            for round in rounds {
+                let batch: Vec<Record> = (0..KEYS)
+                    .map(|t| rec(Key::new(account, 1, t), round as u32, BASE_MS + round, 1))
+                    .collect();
+                store.write_batch(&batch).await.unwrap();
+            }
+        })
+    };
+    let (a, b) = (write(false, 0), write(true, 1));
+    a.await.unwrap();
+    b.await.unwrap();
+    for t in 0..KEYS {
+        assert_eq!(
+            s.store.get(Key::new(account, 1, t)).await.unwrap(),
+            Some(Value::new(ROUNDS as u32 - 1, BASE_MS + ROUNDS - 1, 1))
+        );
+    }
+}
+
+/// Expands to one test per case, each with a fresh [`Subject`] from `$make` (an async
+/// expression returning `Option<Subject>`; `None` skips, after the maker printed why).
+#[macro_export]
+macro_rules! conformance_suite {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            use super::*;
+            $crate::conformance_suite!(@case $make;
+                lww_every_arrival_order,
+                stale_and_duplicate_writes,
+                deletes_versus_late_writes,
+                listing_is_one_profile,
+                missing_reads_are_empty,
+                retention_purges_only_old_rows,
+                batch_sizes,
+                concurrent_writers_converge);
+        }
+    };
+    (@case $make:expr; $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                if let Some(subject) = $make.await {
+                    conformance::$case(subject).await;
+                }
+            }
+        )*
+    };
+}
