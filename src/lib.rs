@@ -10,6 +10,7 @@ pub mod coalescer;
 pub mod config;
 pub mod engine;
 pub mod flusher;
+pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod store;

@@ -1,5 +1,5 @@
 //! The `playhead` binary: `playhead serve` runs the server; `playhead config` prints the
-//! effective configuration.
+//! effective configuration; `playhead token` mints a development JWT.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,8 +9,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
 
+use playhead::auth::{self, Verifier};
+use playhead::catalog::Catalog;
 use playhead::config::{Config, StoreKind};
 use playhead::engine::Engine;
+use playhead::http::{self, AppState};
 use playhead::store::{EmbeddedStore, Store};
 
 #[global_allocator]
@@ -38,11 +41,25 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Print an HS256 bearer token for one profile, signed with the configured
+    /// `auth.hs256_secret` (for development and load tests).
+    Token {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        account_id: u64,
+        #[arg(long)]
+        profile_id: u64,
+        /// How long the token stays valid.
+        #[arg(long, default_value_t = 3600)]
+        ttl_seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Serve { config } | Command::Config { config }) = &cli.command;
+    let (Command::Serve { config } | Command::Config { config } | Command::Token { config, .. }) =
+        &cli.command;
     let config = match Config::load_from_process(config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -61,6 +78,32 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Token {
+            account_id,
+            profile_id,
+            ttl_seconds,
+            ..
+        } => {
+            if config.auth.hs256_secret.is_empty() {
+                eprintln!("playhead: auth.hs256_secret is empty, so HS256 tokens are not accepted; set it to mint one");
+                return ExitCode::from(2);
+            }
+            match auth::mint_hs256(
+                &config.auth.hs256_secret,
+                account_id,
+                profile_id,
+                ttl_seconds,
+            ) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("playhead: cannot mint a token: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve { .. } => match serve(config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -98,17 +141,36 @@ async fn run(config: Config) -> anyhow::Result<()> {
             )
         }
     };
+    let catalog = Catalog::load(&config.api.catalog_path)
+        .with_context(|| format!("loading the catalog {}", config.api.catalog_path.display()))?;
+    let verifier = Verifier::from_config(&config.auth).context("loading the auth keys")?;
+    let listener = tokio::net::TcpListener::bind(config.http.listen.as_str())
+        .await
+        .with_context(|| format!("binding the HTTP listener {}", config.http.listen))?;
+    let http_addr = listener.local_addr().context("reading the HTTP address")?;
+    warn_if_exposed(&config, &verifier, http_addr);
+
     let (engine, _) = Engine::open(config.clone(), store)
         .with_context(|| format!("opening the commit log in {}", config.wal_dir().display()))?;
     let background = engine.spawn_background();
+    let state = Arc::new(AppState::new(engine.clone(), catalog, verifier));
+    let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
+    let http_server = tokio::spawn(http::serve(listener, state, http_stopped));
     tracing::info!(
+        http = %http_addr,
         data_dir = %config.server.data_dir.display(),
         sync_mode = ?config.wal.sync_mode,
         flush_interval_ms = config.flush.interval_ms,
         "playhead running; SIGTERM or SIGINT stops it"
     );
     wait_for_signal().await?;
-    tracing::info!("shutting down: flushing the coalescer and syncing the commit log");
+    tracing::info!(
+        "shutting down: finishing requests, flushing the coalescer, syncing the commit log"
+    );
+    let _ = stop_http.send(true);
+    if let Err(e) = http_server.await {
+        tracing::error!("the HTTP server task failed: {e}");
+    }
     let report = engine.shutdown(Some(background)).await;
     tracing::info!(
         flushed_rows = report.flushed_rows,
@@ -116,6 +178,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "shutdown complete"
     );
     Ok(())
+}
+
+/// Warns when a listener is reachable from other machines while anyone who read our
+/// default config could mint tokens (the development secret), or no key is configured.
+fn warn_if_exposed(config: &Config, verifier: &Verifier, addr: std::net::SocketAddr) {
+    if addr.ip().is_loopback() {
+        return;
+    }
+    if config.auth.hs256_secret == auth::DEV_SECRET {
+        tracing::warn!(%addr, "the HTTP listener is exposed beyond this machine and auth.hs256_secret is the public development secret: anyone can mint tokens; set PLAYHEAD_AUTH__HS256_SECRET");
+    }
+    if verifier.has_no_keys() {
+        tracing::warn!(%addr, "the HTTP listener is exposed and no auth key is configured: every API request will be refused");
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -110,7 +110,8 @@ pub struct WalStats {
     pub appended_records: AtomicU64,
     pub written_bytes: AtomicU64,
     pub fsyncs: AtomicU64,
-    pub fsync_nanos_total: AtomicU64,
+    /// Latency of every fsync of the log.
+    pub fsync_seconds: crate::metrics::Histogram,
     pub fsync_nanos_max: AtomicU64,
     pub write_errors: AtomicU64,
     pub refused_appends: AtomicU64,
@@ -866,11 +867,13 @@ impl Writer {
     fn timed_sync(&self, file: &File) -> io::Result<()> {
         let started = Instant::now();
         file.sync_data()?;
-        let nanos = started.elapsed().as_nanos() as u64;
+        let elapsed = started.elapsed();
         let stats = &self.shared.stats;
         stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-        stats.fsync_nanos_total.fetch_add(nanos, Ordering::Relaxed);
-        stats.fsync_nanos_max.fetch_max(nanos, Ordering::Relaxed);
+        stats.fsync_seconds.observe(elapsed);
+        stats
+            .fsync_nanos_max
+            .fetch_max(elapsed.as_nanos() as u64, Ordering::Relaxed);
         Ok(())
     }
 

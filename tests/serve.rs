@@ -14,13 +14,19 @@ use playhead::wal::{Wal, WalOptions};
 const BIN: &str = env!("CARGO_BIN_EXE_playhead");
 
 /// Starts `playhead serve` with its data under `dir` and returns once it says it runs,
-/// with a channel of its remaining log lines.
+/// with a channel of its remaining log lines and the HTTP address it listens on.
 fn start(dir: &Path) -> (Child, mpsc::Receiver<String>) {
+    let (child, rx, _) = start_http(dir);
+    (child, rx)
+}
+
+fn start_http(dir: &Path) -> (Child, mpsc::Receiver<String>, String) {
     let mut child = Command::new(BIN)
         .arg("serve")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("PLAYHEAD_SERVER__DATA_DIR", dir)
         .env("PLAYHEAD_SERVER__WORKER_THREADS", "2")
+        .env("PLAYHEAD_HTTP__LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -35,8 +41,13 @@ fn start(dir: &Path) -> (Child, mpsc::Receiver<String>) {
             }
         }
     });
-    wait_for_line(&rx, "playhead running");
-    (child, rx)
+    let running = wait_for_line(&rx, "playhead running");
+    let addr = running
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http="))
+        .expect("the running line names the HTTP address")
+        .to_string();
+    (child, rx, addr)
 }
 
 fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str) -> String {
@@ -148,4 +159,52 @@ fn config_subcommand_prints_the_effective_configuration() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("sync_mode = \"group\""), "{text}");
+}
+
+/// What the README tells a developer to do: start the server, mint a token with
+/// `playhead token`, post a heartbeat, read it back; SIGTERM then leaves it in the store.
+#[test]
+fn token_subcommand_mints_a_token_the_server_accepts() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, rx, addr) = start_http(dir.path());
+    let out = Command::new(BIN)
+        .args(["token", "--account-id", "7", "--profile-id", "3"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let http = |request: String| {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let body = r#"{"movie_id":"inception","position_seconds":2843,"device_id":"tv-living-room"}"#;
+    let answer = http(format!(
+        "POST /api/v1/stream/progress HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    let answer = http(format!(
+        "GET /api/v1/stream?movie_id=inception HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n"
+    ));
+    assert!(
+        answer.contains(r#""resume_position_seconds":2843"#),
+        "{answer}"
+    );
+
+    assert!(terminate(&mut child).success());
+    let done = wait_for_line(&rx, "shutdown complete");
+    assert!(done.contains("left_in_log=0"), "{done}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("store"), 1 << 20).unwrap();
+    let key = Key::new(7, 3, playhead::catalog::title_id_of("inception"));
+    let stored = rt
+        .block_on(store.get(key))
+        .unwrap()
+        .expect("flushed on SIGTERM");
+    assert_eq!(stored.position_seconds, 2843);
 }

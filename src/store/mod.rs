@@ -15,7 +15,7 @@ pub mod embedded;
 pub mod faulty;
 
 pub use embedded::EmbeddedStore;
-pub use faulty::FaultyStore;
+pub use faulty::{FaultSwitch, FaultyStore};
 
 /// What can go wrong talking to a store. Callers treat every variant as retryable for
 /// writes (the data stays in memory and in the log) and as "degrade" for reads.

@@ -1,0 +1,417 @@
+//! Handlers of the public API (`/api/v1/...`): progress writes, resume reads,
+//! continue-watching and deletes. Contract: docs/api.md.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::auth::Principal;
+use crate::catalog::{Title, MAX_TITLE_ID_BYTES};
+use crate::engine::{ReadResult, ReadSource, RejectReason};
+use crate::model::{Key, Value};
+
+/// Body of `POST /api/v1/stream/progress`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProgressBody {
+    pub movie_id: String,
+    pub position_seconds: f64,
+    #[serde(default)]
+    pub device_id: Option<String>,
+    #[serde(default)]
+    pub timestamp_ms: Option<u64>,
+}
+
+/// `?movie_id=` of the read and delete routes.
+#[derive(Debug, Deserialize)]
+pub struct MovieQuery {
+    pub movie_id: String,
+}
+
+/// Answer of `GET /api/v1/stream`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct StreamResponse {
+    pub movie_id: String,
+    pub stream_url: String,
+    pub resume_position_seconds: u32,
+    pub duration_seconds: u32,
+    /// When the saved position was reported (absent when nothing is saved).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updated_at_ms: Option<u64>,
+    /// The device that reported it, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_device_id: Option<String>,
+    /// Set when the requested title was completed and this is the episode after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_episode_of: Option<String>,
+    /// The requested title was watched past the completion threshold.
+    pub completed: bool,
+    /// `memory`, `store`, or `degraded` (the store could not answer in time: position 0).
+    pub source: &'static str,
+}
+
+/// One entry of `GET /api/v1/continue-watching`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct ContinueEntry {
+    pub movie_id: String,
+    pub stream_url: String,
+    pub resume_position_seconds: u32,
+    pub duration_seconds: u32,
+    pub updated_at_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub series: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_device_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ContinueResponse {
+    pub items: Vec<ContinueEntry>,
+    pub source: &'static str,
+}
+
+fn source_name(s: ReadSource) -> &'static str {
+    match s {
+        ReadSource::Memory => "memory",
+        ReadSource::Store => "store",
+        ReadSource::Degraded => "degraded",
+    }
+}
+
+fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let value = match headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the Authorization header is not valid text",
+            )
+        })?),
+    };
+    state
+        .verifier
+        .verify_header(value)
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
+}
+
+fn title<'a>(state: &'a AppState, movie_id: &str) -> Result<&'a Title, ApiError> {
+    if movie_id.is_empty() || movie_id.len() > MAX_TITLE_ID_BYTES {
+        return Err(ApiError::bad_request(
+            "invalid_movie_id",
+            format!("movie_id must be 1 to {MAX_TITLE_ID_BYTES} bytes"),
+        ));
+    }
+    state.catalog.get(movie_id).ok_or_else(|| {
+        ApiError::not_found(
+            "unknown_movie",
+            format!("no title `{movie_id}` in the catalog"),
+        )
+    })
+}
+
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let ok = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be JSON with `Content-Type: application/json`",
+        ))
+    }
+}
+
+fn parse_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<ProgressBody, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                status,
+                "body_too_large",
+                format!("the body is larger than {limit} bytes"),
+            )
+        } else {
+            ApiError::new(status, "bad_body", rejection.body_text())
+        }
+    })?;
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => ApiError::unprocessable(
+                "invalid_field",
+                if path == "." {
+                    format!("invalid body: {inner}")
+                } else {
+                    format!("field `{path}`: {inner}")
+                },
+            ),
+            _ => ApiError::bad_request("malformed_json", format!("malformed JSON: {inner}")),
+        }
+    })
+}
+
+/// `POST /api/v1/stream/progress` → 204 once the heartbeat is in the coalescer and the log.
+pub async fn post_progress(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let principal = authenticate(&state, &headers)?;
+    require_json(&headers)?;
+    let body = parse_body(body, state.config.http.max_body_bytes)?;
+    let title = title(&state, &body.movie_id)?;
+    let api = &state.config.api;
+    let p = body.position_seconds;
+    if !p.is_finite() || p < 0.0 {
+        return Err(ApiError::unprocessable(
+            "invalid_position",
+            "position_seconds must be a finite number >= 0",
+        ));
+    }
+    let limit = title
+        .duration_seconds
+        .saturating_add(api.position_allowance_seconds);
+    if p > f64::from(limit) {
+        return Err(ApiError::unprocessable(
+            "position_out_of_range",
+            format!(
+                "position_seconds {p} is beyond the end of `{}` ({} s, allowance {} s)",
+                title.id, title.duration_seconds, api.position_allowance_seconds
+            ),
+        ));
+    }
+    let device = match &body.device_id {
+        None => 0,
+        Some(name) => {
+            if name.is_empty()
+                || name.len() > api.max_device_id_bytes
+                || name.chars().any(char::is_control)
+            {
+                return Err(ApiError::unprocessable(
+                    "invalid_device_id",
+                    format!(
+                        "device_id must be 1 to {} bytes of printable text",
+                        api.max_device_id_bytes
+                    ),
+                ));
+            }
+            state.devices.remember(principal.account_id, name)
+        }
+    };
+    let key = Key::new(principal.account_id, principal.profile_id, title.title_id);
+    let record = state
+        .engine
+        .heartbeat(key, p as u32, device, body.timestamp_ms)
+        .map_err(|e| match e {
+            RejectReason::TooOld => ApiError::unprocessable(
+                "timestamp_too_old",
+                "timestamp_ms is older than the retention period",
+            ),
+            RejectReason::ReservedPosition => {
+                ApiError::unprocessable("invalid_position", "position_seconds is out of range")
+            }
+        })?;
+    state.write(&[record], "http").await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /api/v1/stream/progress?movie_id=X` → 204; a tombstone, so an in-flight older
+/// heartbeat cannot bring the title back.
+pub async fn delete_progress(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<MovieQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<StatusCode, ApiError> {
+    let principal = authenticate(&state, &headers)?;
+    let Query(q) = query.map_err(query_error)?;
+    let title = title(&state, &q.movie_id)?;
+    let key = Key::new(principal.account_id, principal.profile_id, title.title_id);
+    let record = state.engine.deletion(key);
+    state.write(&[record], "http").await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::bad_request("invalid_query", e.body_text())
+}
+
+/// `GET /api/v1/stream?movie_id=X` → where to resume. Never fails because of the store.
+pub async fn get_stream(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<MovieQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<StreamResponse>, ApiError> {
+    let principal = authenticate(&state, &headers)?;
+    let Query(q) = query.map_err(query_error)?;
+    let requested = title(&state, &q.movie_id)?;
+    let key = Key::new(
+        principal.account_id,
+        principal.profile_id,
+        requested.title_id,
+    );
+    let read = state.read(key).await;
+    let completed = read
+        .value
+        .is_some_and(|v| state.is_completed(v.position_seconds, requested));
+    if completed {
+        if let Some(next) = state.catalog.next_episode(requested) {
+            let next_key = Key::new(principal.account_id, principal.profile_id, next.title_id);
+            let next_read = state.read(next_key).await;
+            let mut response = state.answer(principal, next, next_read);
+            response.next_episode_of = Some(requested.id.clone());
+            response.completed = true;
+            return Ok(Json(response));
+        }
+    }
+    Ok(Json(state.answer(principal, requested, read)))
+}
+
+/// `GET /api/v1/continue-watching` → in-progress titles, newest first, one per series.
+pub async fn continue_watching(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<ContinueResponse>, ApiError> {
+    let principal = authenticate(&state, &headers)?;
+    let limit = state.config.api.continue_watching_limit;
+    // Read more rows than we show: completed titles and older episodes are dropped.
+    let (entries, source) = state
+        .engine
+        .list_profile(principal.account_id, principal.profile_id, limit * 8)
+        .await;
+    // Newest first; then keep one entry per series (its most recent episode).
+    let mut rows: Vec<(&Title, Value)> = entries
+        .iter()
+        .filter_map(|e| state.catalog.by_title_id(e.title_id).map(|t| (t, e.value)))
+        .collect();
+    rows.sort_by_key(|row| std::cmp::Reverse(row.1.version()));
+    let mut seen_series: HashMap<&str, ()> = HashMap::new();
+    let by_title: HashMap<u64, Value> = entries.iter().map(|e| (e.title_id, e.value)).collect();
+    let mut items = Vec::new();
+    for (title, value) in rows {
+        if let Some((series, _)) = &title.series {
+            if seen_series.insert(series.as_str(), ()).is_some() {
+                continue;
+            }
+        }
+        let (shown, position) = if state.is_completed(value.position_seconds, title) {
+            // A finished episode: offer the next one, at its own saved position.
+            match state.catalog.next_episode(title) {
+                Some(next) => {
+                    let saved = by_title
+                        .get(&next.title_id)
+                        .map(|v| v.position_seconds)
+                        .filter(|&p| !state.is_completed(p, next))
+                        .unwrap_or(0);
+                    (next, saved)
+                }
+                None => continue,
+            }
+        } else {
+            (title, value.position_seconds)
+        };
+        items.push(ContinueEntry {
+            movie_id: shown.id.clone(),
+            stream_url: shown.stream_url.clone(),
+            resume_position_seconds: position,
+            duration_seconds: shown.duration_seconds,
+            updated_at_ms: value.updated_at_ms,
+            series: title.series.as_ref().map(|(s, _)| s.clone()),
+            last_device_id: state.devices.name(principal.account_id, value.device_id),
+        });
+        if items.len() == limit {
+            break;
+        }
+    }
+    Ok(Json(ContinueResponse {
+        items,
+        source: source_name(source),
+    }))
+}
+
+impl AppState {
+    /// True when `position_seconds` is at or past the completion threshold of `title`.
+    pub fn is_completed(&self, position_seconds: u32, title: &Title) -> bool {
+        f64::from(position_seconds)
+            >= self.config.api.completed_ratio * f64::from(title.duration_seconds)
+    }
+
+    async fn read(&self, key: Key) -> ReadResult {
+        let started = std::time::Instant::now();
+        let read = self.engine.get(key).await;
+        self.metrics.resume_read_seconds.observe(started.elapsed());
+        read
+    }
+
+    fn answer(&self, principal: Principal, title: &Title, read: ReadResult) -> StreamResponse {
+        let completed = read
+            .value
+            .is_some_and(|v| self.is_completed(v.position_seconds, title));
+        let position = match read.value {
+            Some(v) if !completed => v.position_seconds,
+            _ => 0,
+        };
+        StreamResponse {
+            movie_id: title.id.clone(),
+            stream_url: title.stream_url.clone(),
+            resume_position_seconds: position,
+            duration_seconds: title.duration_seconds,
+            updated_at_ms: read.value.map(|v| v.updated_at_ms),
+            last_device_id: read
+                .value
+                .and_then(|v| self.devices.name(principal.account_id, v.device_id)),
+            next_episode_of: None,
+            completed,
+            source: source_name(read.source),
+        }
+    }
+
+    /// Writes through the engine, mapping refusals to 503 + Retry-After.
+    pub async fn write(
+        &self,
+        records: &[crate::model::Record],
+        protocol: &str,
+    ) -> Result<(), ApiError> {
+        match self.engine.write(records).await {
+            Ok(_) => {
+                self.metrics.accepted(protocol, records.len() as u64);
+                Ok(())
+            }
+            Err(e) => Err(ApiError::unavailable(
+                e.to_string(),
+                self.config.http.retry_after_seconds,
+            )),
+        }
+    }
+}
+
+/// Unknown routes.
+pub async fn not_found() -> Response {
+    ApiError::not_found("not_found", "no such route").into_response()
+}
+
+/// Known route, wrong method.
+pub async fn method_not_allowed() -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+    .into_response()
+}

@@ -1,0 +1,684 @@
+//! The HTTP listener: the public API (`/api/v1`), `/metrics`, `/healthz`, `/readyz`.
+//!
+//! axum routes on hyper's HTTP/1.1 connections, served by our own accept loop so every limit
+//! is ours: at most `http.max_connections` connections (more are closed at once), request
+//! headers within `http.header_read_timeout_ms` (slowloris), whole requests within
+//! `http.request_timeout_ms` (408), bodies up to `http.max_body_bytes` (413).
+
+pub mod api;
+pub mod error;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::auth::Verifier;
+use crate::catalog::{title_id_of, Catalog};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::metrics::{self, Histogram};
+use crate::model::{Key, Value};
+use error::{ApiError, ErrorCode};
+
+/// Everything a handler needs; shared by all connections.
+pub struct AppState {
+    pub engine: Engine,
+    pub catalog: Catalog,
+    pub verifier: Verifier,
+    pub config: Config,
+    pub devices: DeviceNames,
+    pub metrics: HttpMetrics,
+}
+
+impl AppState {
+    pub fn new(engine: Engine, catalog: Catalog, verifier: Verifier) -> Self {
+        let config = engine.config().clone();
+        Self {
+            devices: DeviceNames::new(config.api.max_device_names),
+            metrics: HttpMetrics::default(),
+            engine,
+            catalog,
+            verifier,
+            config,
+        }
+    }
+}
+
+/// The routes, with the metrics/timeout layer around them.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(
+            "/api/v1/stream/progress",
+            axum::routing::post(api::post_progress).delete(api::delete_progress),
+        )
+        .route("/api/v1/stream", get(api::get_stream))
+        .route("/api/v1/continue-watching", get(api::continue_watching))
+        .route("/metrics", get(metrics_endpoint))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.config.http.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            track,
+        ))
+        .with_state(state)
+}
+
+/// Serves `listener` until `shutdown` flips; then stops accepting, lets in-flight requests
+/// finish (bounded by `http.request_timeout_ms`) and returns.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let http = state.config.http.clone();
+    let app = router(Arc::clone(&state));
+    let slots = Arc::new(Semaphore::new(http.max_connections));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            state
+                .metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_millis(http.header_read_timeout_ms))
+            .max_buf_size(64 * 1024);
+        let conn =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        let open = Arc::clone(&state);
+        open.metrics
+            .connections_open
+            .fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            open.metrics
+                .connections_open
+                .fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let grace = Duration::from_millis(http.request_timeout_ms);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "some HTTP connections were still busy after {} ms; closed",
+            grace.as_millis()
+        );
+    }
+}
+
+/// Routes as metric labels (a fixed set, so counters are plain arrays).
+const ROUTES: [&str; 8] = [
+    "post_progress",
+    "delete_progress",
+    "get_stream",
+    "continue_watching",
+    "metrics",
+    "healthz",
+    "readyz",
+    "other",
+];
+const CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
+const STATUSES: [u16; 14] = [
+    200, 204, 400, 401, 404, 405, 408, 413, 415, 422, 429, 500, 503, 0,
+];
+const PROTOCOLS: [&str; 2] = ["http", "binary"];
+
+fn route_of(method: &axum::http::Method, path: &str) -> usize {
+    use axum::http::Method;
+    match (path, method) {
+        ("/api/v1/stream/progress", &Method::POST) => 0,
+        ("/api/v1/stream/progress", &Method::DELETE) => 1,
+        ("/api/v1/stream", &Method::GET) => 2,
+        ("/api/v1/continue-watching", &Method::GET) => 3,
+        ("/metrics", _) => 4,
+        ("/healthz", _) => 5,
+        ("/readyz", _) => 6,
+        _ => 7,
+    }
+}
+
+/// HTTP-side counters and histograms.
+#[derive(Default)]
+pub struct HttpMetrics {
+    requests: [[AtomicU64; STATUSES.len()]; ROUTES.len()],
+    latency: [[Histogram; CLASSES.len()]; ROUTES.len()],
+    accepted: [AtomicU64; PROTOCOLS.len()],
+    /// (protocol, reason) → heartbeats refused. Refusals are the rare path; a map is fine.
+    rejected: Mutex<HashMap<(&'static str, &'static str), u64>>,
+    pub resume_read_seconds: Histogram,
+    pub connections_open: AtomicU64,
+    pub connections_refused: AtomicU64,
+}
+
+impl HttpMetrics {
+    pub fn accepted(&self, protocol: &str, records: u64) {
+        let i = PROTOCOLS.iter().position(|p| *p == protocol).unwrap_or(0);
+        self.accepted[i].fetch_add(records, Ordering::Relaxed);
+    }
+
+    pub fn rejected(&self, protocol: &'static str, reason: &'static str, records: u64) {
+        *self.rejected.lock().entry((protocol, reason)).or_default() += records;
+    }
+
+    fn observe(&self, route: usize, status: StatusCode, elapsed: Duration) {
+        let code = status.as_u16();
+        let s = STATUSES
+            .iter()
+            .position(|&c| c == code)
+            .unwrap_or(STATUSES.len() - 1);
+        self.requests[route][s].fetch_add(1, Ordering::Relaxed);
+        let class = match code {
+            500.. => 2,
+            400..500 => 1,
+            _ => 0,
+        };
+        self.latency[route][class].observe(elapsed);
+    }
+}
+
+/// Times every request, enforces the request timeout, counts by route and status, and
+/// counts refused heartbeats by reason.
+async fn track(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let route = route_of(request.method(), request.uri().path());
+    let started = Instant::now();
+    let limit = Duration::from_millis(state.config.http.request_timeout_ms);
+    let response = match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request did not complete within {} ms",
+                limit.as_millis()
+            ),
+        )
+        .into_response(),
+    };
+    state
+        .metrics
+        .observe(route, response.status(), started.elapsed());
+    if route == 0 && !response.status().is_success() {
+        let reason = response
+            .extensions()
+            .get::<ErrorCode>()
+            .map_or("other", |c| c.0);
+        state.metrics.rejected("http", reason, 1);
+    }
+    response
+}
+
+async fn healthz() -> Response {
+    json_response(StatusCode::OK, serde_json::json!({"status": "alive"}))
+}
+
+/// Ready when the log was replayed (it was, or we would not be serving) and writable, and
+/// says whether the store answers (`ready`) or reads are degraded (`degraded`, still 200:
+/// the service keeps serving from memory and answers position 0 otherwise).
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let shared = state.engine.shared();
+    if let Some(reason) = shared.wal.failing() {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "unavailable", "wal": format!("failing: {reason}"), "store": "unknown"}),
+        );
+    }
+    let budget = Duration::from_millis(state.config.store.read_timeout_ms);
+    let probe = tokio::time::timeout(budget, shared.store.get(Key::new(0, 0, 0))).await;
+    let (status, store) = match probe {
+        Ok(Ok(_)) => ("ready", "reachable".to_string()),
+        Ok(Err(e)) => ("degraded", format!("unreachable: {e}")),
+        Err(_) => (
+            "degraded",
+            format!("no answer within {} ms", budget.as_millis()),
+        ),
+    };
+    json_response(
+        StatusCode::OK,
+        serde_json::json!({"status": status, "wal": "replayed", "store": store, "store_kind": shared.store.name()}),
+    )
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
+    let mut r = (status, body.to_string()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+async fn metrics_endpoint(State(state): State<Arc<AppState>>) -> Response {
+    let mut r = render(&state).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}
+
+/// Renders every metric (docs/metrics.md) in the Prometheus text format.
+pub fn render(state: &AppState) -> String {
+    use metrics::{header as head, load, sample, single};
+    let mut out = String::with_capacity(16 * 1024);
+    let m = &state.metrics;
+    head(
+        &mut out,
+        "playhead_heartbeats_accepted_total",
+        "counter",
+        "Heartbeats (and deletes) acknowledged, by protocol.",
+    );
+    for (i, p) in PROTOCOLS.iter().enumerate() {
+        sample(
+            &mut out,
+            "playhead_heartbeats_accepted_total",
+            &format!("protocol=\"{p}\""),
+            load(&m.accepted[i]),
+        );
+    }
+    head(
+        &mut out,
+        "playhead_heartbeats_rejected_total",
+        "counter",
+        "Heartbeats refused, by protocol and reason.",
+    );
+    let mut rejected: Vec<_> = m.rejected.lock().iter().map(|(k, v)| (*k, *v)).collect();
+    rejected.sort();
+    for ((p, reason), n) in rejected {
+        sample(
+            &mut out,
+            "playhead_heartbeats_rejected_total",
+            &format!("protocol=\"{p}\",reason=\"{reason}\""),
+            n,
+        );
+    }
+
+    let shared = state.engine.shared();
+    let c = shared.coalescer.stats();
+    head(&mut out, "playhead_coalescer_upserts_total", "counter", "Coalescer upserts by outcome: inserted (new key), superseded (newer value), stale (older or equal, no-op).");
+    sample(
+        &mut out,
+        "playhead_coalescer_upserts_total",
+        "outcome=\"inserted\"",
+        c.inserted,
+    );
+    sample(
+        &mut out,
+        "playhead_coalescer_upserts_total",
+        "outcome=\"superseded\"",
+        c.superseded,
+    );
+    sample(
+        &mut out,
+        "playhead_coalescer_upserts_total",
+        "outcome=\"stale\"",
+        c.stale,
+    );
+    single(
+        &mut out,
+        "playhead_coalescer_overloaded_total",
+        "counter",
+        "New keys refused because the coalescer was full.",
+        c.overloaded,
+    );
+    head(&mut out, "playhead_coalescer_keys", "gauge", "Keys in memory: dirty (written since the flush began) and flushing (being written to the store).");
+    sample(
+        &mut out,
+        "playhead_coalescer_keys",
+        "state=\"dirty\"",
+        c.dirty_keys,
+    );
+    sample(
+        &mut out,
+        "playhead_coalescer_keys",
+        "state=\"flushing\"",
+        c.flushing_keys,
+    );
+    single(
+        &mut out,
+        "playhead_coalescer_max_keys",
+        "gauge",
+        "Configured bound on keys in memory.",
+        shared.coalescer.max_keys(),
+    );
+
+    let e = &shared.stats;
+    single(
+        &mut out,
+        "playhead_flush_cycles_total",
+        "counter",
+        "Completed flush cycles.",
+        load(&e.flush_cycles),
+    );
+    single(
+        &mut out,
+        "playhead_flush_batches_total",
+        "counter",
+        "Store batches written by flushes.",
+        load(&e.flush_batches),
+    );
+    single(
+        &mut out,
+        "playhead_flush_rows_total",
+        "counter",
+        "Rows written to the store (one per dirty key per cycle).",
+        load(&e.flush_rows),
+    );
+    single(
+        &mut out,
+        "playhead_flush_errors_total",
+        "counter",
+        "Store batch writes that failed (each is retried).",
+        load(&e.flush_errors),
+    );
+    single(
+        &mut out,
+        "playhead_flush_retries_total",
+        "counter",
+        "Store batch writes retried.",
+        load(&e.flush_retries),
+    );
+    head(
+        &mut out,
+        "playhead_flush_duration_seconds",
+        "histogram",
+        "Duration of flush cycles.",
+    );
+    e.flush_seconds
+        .render(&mut out, "playhead_flush_duration_seconds", "");
+    head(
+        &mut out,
+        "playhead_store_reads_total",
+        "counter",
+        "Point reads by where the answer came from.",
+    );
+    sample(
+        &mut out,
+        "playhead_store_reads_total",
+        "source=\"memory\"",
+        load(&e.reads_memory),
+    );
+    sample(
+        &mut out,
+        "playhead_store_reads_total",
+        "source=\"store\"",
+        load(&e.reads_store),
+    );
+    sample(
+        &mut out,
+        "playhead_store_reads_total",
+        "source=\"degraded\"",
+        load(&e.reads_degraded),
+    );
+    head(
+        &mut out,
+        "playhead_resume_read_duration_seconds",
+        "histogram",
+        "Latency of resume reads (memory, then store within the budget).",
+    );
+    m.resume_read_seconds
+        .render(&mut out, "playhead_resume_read_duration_seconds", "");
+    single(
+        &mut out,
+        "playhead_store_purged_rows_total",
+        "counter",
+        "Rows removed by the retention purge.",
+        load(&e.purged_rows),
+    );
+
+    let w = shared.wal.stats();
+    single(
+        &mut out,
+        "playhead_wal_appended_bytes_total",
+        "counter",
+        "Bytes appended to the commit log.",
+        load(&w.appended_bytes),
+    );
+    single(
+        &mut out,
+        "playhead_wal_appended_records_total",
+        "counter",
+        "Records appended to the commit log.",
+        load(&w.appended_records),
+    );
+    single(
+        &mut out,
+        "playhead_wal_written_bytes_total",
+        "counter",
+        "Bytes written to segment files.",
+        load(&w.written_bytes),
+    );
+    single(
+        &mut out,
+        "playhead_wal_fsyncs_total",
+        "counter",
+        "fsync calls on the commit log.",
+        load(&w.fsyncs),
+    );
+    head(
+        &mut out,
+        "playhead_wal_fsync_seconds",
+        "histogram",
+        "Latency of commit-log fsyncs.",
+    );
+    w.fsync_seconds
+        .render(&mut out, "playhead_wal_fsync_seconds", "");
+    single(
+        &mut out,
+        "playhead_wal_fsync_max_seconds",
+        "gauge",
+        "Longest fsync since start.",
+        load(&w.fsync_nanos_max) as f64 / 1e9,
+    );
+    single(
+        &mut out,
+        "playhead_wal_write_errors_total",
+        "counter",
+        "Failed writes or fsyncs of the commit log.",
+        load(&w.write_errors),
+    );
+    single(
+        &mut out,
+        "playhead_wal_refused_appends_total",
+        "counter",
+        "Appends refused (buffer full or disk failing).",
+        load(&w.refused_appends),
+    );
+    single(
+        &mut out,
+        "playhead_wal_segment_bytes",
+        "gauge",
+        "Bytes of segment files on disk.",
+        load(&w.segment_bytes_on_disk),
+    );
+    single(
+        &mut out,
+        "playhead_wal_segments",
+        "gauge",
+        "Segment files on disk.",
+        load(&w.segments_on_disk),
+    );
+    single(
+        &mut out,
+        "playhead_wal_snapshot_bytes",
+        "gauge",
+        "Bytes of snapshot files on disk.",
+        load(&w.snapshot_bytes_on_disk),
+    );
+    single(
+        &mut out,
+        "playhead_wal_snapshots_total",
+        "counter",
+        "Snapshots written.",
+        load(&w.snapshots_written),
+    );
+
+    head(
+        &mut out,
+        "playhead_http_requests_total",
+        "counter",
+        "HTTP requests by route and status.",
+    );
+    for (r, route) in ROUTES.iter().enumerate() {
+        for (s, status) in STATUSES.iter().enumerate() {
+            let n = load(&m.requests[r][s]);
+            if n > 0 {
+                let status = if *status == 0 {
+                    "other".to_string()
+                } else {
+                    status.to_string()
+                };
+                sample(
+                    &mut out,
+                    "playhead_http_requests_total",
+                    &format!("route=\"{route}\",status=\"{status}\""),
+                    n,
+                );
+            }
+        }
+    }
+    head(
+        &mut out,
+        "playhead_http_request_duration_seconds",
+        "histogram",
+        "HTTP request latency by route and status class.",
+    );
+    for (r, route) in ROUTES.iter().enumerate() {
+        for (k, class) in CLASSES.iter().enumerate() {
+            if m.latency[r][k].count() > 0 {
+                m.latency[r][k].render(
+                    &mut out,
+                    "playhead_http_request_duration_seconds",
+                    &format!("route=\"{route}\",class=\"{class}\""),
+                );
+            }
+        }
+    }
+    single(
+        &mut out,
+        "playhead_http_connections",
+        "gauge",
+        "Open HTTP connections.",
+        load(&m.connections_open),
+    );
+    single(
+        &mut out,
+        "playhead_http_connections_refused_total",
+        "counter",
+        "Connections closed at once because http.max_connections were open.",
+        load(&m.connections_refused),
+    );
+    out
+}
+
+/// Device names seen in heartbeats, so a resume answer can say "watched on tv-living-room".
+/// Inside, a device is a `u32` (hash of its name); this maps it back, per account, for the
+/// `max_device_names` most recently first-seen devices (in memory only: after a restart a
+/// name reappears with its device's next heartbeat).
+pub struct DeviceNames {
+    shards: Vec<Mutex<DeviceShard>>,
+    per_shard: usize,
+}
+
+#[derive(Default)]
+struct DeviceShard {
+    names: HashMap<(u64, u32), Box<str>>,
+    order: VecDeque<(u64, u32)>,
+}
+
+impl DeviceNames {
+    const SHARDS: usize = 16;
+
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            shards: (0..Self::SHARDS).map(|_| Mutex::default()).collect(),
+            per_shard: capacity.div_ceil(Self::SHARDS).max(1),
+        }
+    }
+
+    /// The compact id of a device name: never 0 (no device) nor the tombstone's device.
+    pub fn id_of(name: &str) -> u32 {
+        let id = title_id_of(name) as u32;
+        id.clamp(1, Value::TOMBSTONE_DEVICE - 1)
+    }
+
+    /// Returns the compact id of `name`, remembering the name for `account_id`.
+    pub fn remember(&self, account_id: u64, name: &str) -> u32 {
+        let id = Self::id_of(name);
+        let key = (account_id, id);
+        let mut shard = self.shards[Self::shard(key)].lock();
+        if !shard.names.contains_key(&key) {
+            if shard.order.len() >= self.per_shard {
+                if let Some(old) = shard.order.pop_front() {
+                    shard.names.remove(&old);
+                }
+            }
+            shard.names.insert(key, name.into());
+            shard.order.push_back(key);
+        }
+        id
+    }
+
+    pub fn name(&self, account_id: u64, device_id: u32) -> Option<String> {
+        let key = (account_id, device_id);
+        self.shards[Self::shard(key)]
+            .lock()
+            .names
+            .get(&key)
+            .map(|n| n.to_string())
+    }
+
+    fn shard(key: (u64, u32)) -> usize {
+        ((key.0 ^ u64::from(key.1)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize
+            % Self::SHARDS
+    }
+}
+
+/// Binds the API listener.
+pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    let addr: SocketAddr = addr.parse().map_err(|e| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {e}"))
+    })?;
+    TcpListener::bind(addr).await
+}

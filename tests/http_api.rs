@@ -1,0 +1,706 @@
+//! The public HTTP API end to end: real sockets on 127.0.0.1, the real engine and fjall
+//! store, the shipped sample catalog (`config/catalog.toml`).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use common::TestServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn progress(movie: &str, position: u32, device: &str, at_ms: u64) -> String {
+    format!(
+        r#"{{"movie_id":"{movie}","position_seconds":{position},"device_id":"{device}","timestamp_ms":{at_ms}}}"#
+    )
+}
+
+fn now_ms() -> u64 {
+    playhead::model::now_ms()
+}
+
+#[tokio::test]
+async fn newest_heartbeat_wins_across_devices() {
+    let s = TestServer::start().await;
+    let t = s.token(10, 1);
+    let base = now_ms() - 60_000;
+    assert_eq!(
+        s.post_progress(&t, &progress("inception", 2000, "tv-living-room", base))
+            .await
+            .status,
+        204
+    );
+    // The phone reports later with an earlier position (the viewer seeked back).
+    assert_eq!(
+        s.post_progress(&t, &progress("inception", 1500, "phone", base + 4_000))
+            .await
+            .status,
+        204
+    );
+    // A delayed heartbeat from the TV, older than the phone's.
+    assert_eq!(
+        s.post_progress(
+            &t,
+            &progress("inception", 2004, "tv-living-room", base + 2_000)
+        )
+        .await
+        .status,
+        204
+    );
+
+    let r = s.resume(&t, "inception").await;
+    assert_eq!(r["movie_id"], "inception");
+    assert_eq!(r["resume_position_seconds"], 1500);
+    assert_eq!(r["last_device_id"], "phone");
+    assert_eq!(r["updated_at_ms"], base + 4_000);
+    assert_eq!(r["duration_seconds"], 7800);
+    assert!(r["stream_url"].as_str().unwrap().starts_with("https://"));
+
+    // Same answer once everything is flushed to the store and memory is empty.
+    s.engine.flush().await.unwrap();
+    let r = s.resume(&t, "inception").await;
+    assert_eq!(r["resume_position_seconds"], 1500);
+    assert_eq!(r["source"], "store");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn future_client_timestamps_are_clamped() {
+    let s = TestServer::start().await;
+    let t = s.token(11, 1);
+    // A device with a clock a day ahead cannot pin its value above later heartbeats forever.
+    let far = now_ms() + 86_400_000;
+    assert_eq!(
+        s.post_progress(&t, &progress("inception", 100, "skewed", far))
+            .await
+            .status,
+        204
+    );
+    tokio::time::sleep(Duration::from_millis(
+        s.config.ingest.max_clock_skew_ms + 50,
+    ))
+    .await;
+    assert_eq!(
+        s.post_progress(
+            &t,
+            r#"{"movie_id":"inception","position_seconds":200,"device_id":"honest"}"#
+        )
+        .await
+        .status,
+        204
+    );
+    let r = s.resume(&t, "inception").await;
+    assert_eq!(r["resume_position_seconds"], 200);
+    assert!(r["updated_at_ms"].as_u64().unwrap() <= now_ms());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn completed_titles_resume_at_zero_or_the_next_episode() {
+    let s = TestServer::start().await;
+    let t = s.token(12, 1);
+    let base = now_ms() - 60_000;
+    // 95 % of 7800 s is 7410 s.
+    s.post_progress(&t, &progress("inception", 7409, "tv", base))
+        .await;
+    assert_eq!(
+        s.resume(&t, "inception").await["resume_position_seconds"],
+        7409
+    );
+    s.post_progress(&t, &progress("inception", 7410, "tv", base + 1))
+        .await;
+    let r = s.resume(&t, "inception").await;
+    assert_eq!(r["resume_position_seconds"], 0);
+    assert_eq!(r["completed"], true);
+    assert_eq!(r["movie_id"], "inception");
+
+    // Episode 1 finished, episode 2 half-watched earlier: resume answers episode 2.
+    s.post_progress(&t, &progress("dark-s01e02", 300, "tv", base + 2))
+        .await;
+    s.post_progress(&t, &progress("dark-s01e01", 2950, "tv", base + 3))
+        .await;
+    let r = s.resume(&t, "dark-s01e01").await;
+    assert_eq!(r["movie_id"], "dark-s01e02");
+    assert_eq!(r["resume_position_seconds"], 300);
+    assert_eq!(r["next_episode_of"], "dark-s01e01");
+    assert!(r["stream_url"].as_str().unwrap().contains("s01e02"));
+
+    // The last episode has no next one: it restarts at 0.
+    let last = s.resume(&t, "dark-s01e04").await;
+    assert_eq!(last["resume_position_seconds"], 0);
+    s.post_progress(&t, &progress("dark-s01e04", 2900, "tv", base + 4))
+        .await;
+    let last = s.resume(&t, "dark-s01e04").await;
+    assert_eq!(last["movie_id"], "dark-s01e04");
+    assert_eq!(last["resume_position_seconds"], 0);
+    assert_eq!(last["completed"], true);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn continue_watching_is_newest_first_one_per_series() {
+    let s = TestServer::start_with(|c| c.api.continue_watching_limit = 3).await;
+    let t = s.token(13, 1);
+    let base = now_ms() - 60_000;
+    s.post_progress(&t, &progress("inception", 1000, "tv", base))
+        .await;
+    s.post_progress(&t, &progress("dark-s01e01", 100, "tv", base + 1_000))
+        .await;
+    s.post_progress(&t, &progress("dark-s01e02", 200, "phone", base + 2_000))
+        .await;
+    // Completed: left out.
+    s.post_progress(&t, &progress("interstellar", 10_000, "tv", base + 3_000))
+        .await;
+    // Flush part of it, so the list merges store and memory.
+    s.engine.flush().await.unwrap();
+    s.post_progress(&t, &progress("inception", 1100, "tv", base + 4_000))
+        .await;
+
+    let r = s
+        .request("GET", "/api/v1/continue-watching", Some(&t), None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let items = r.json()["items"].as_array().unwrap().clone();
+    let ids: Vec<&str> = items
+        .iter()
+        .map(|i| i["movie_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["inception", "dark-s01e02"]);
+    assert_eq!(items[0]["resume_position_seconds"], 1100);
+    assert_eq!(items[1]["series"], "dark");
+    assert_eq!(items[1]["last_device_id"], "phone");
+
+    // A finished episode is shown as the next one of its series.
+    s.post_progress(&t, &progress("dark-s01e02", 2600, "tv", base + 5_000))
+        .await;
+    let r = s
+        .request("GET", "/api/v1/continue-watching", Some(&t), None)
+        .await;
+    let items = r.json()["items"].as_array().unwrap().clone();
+    let ids: Vec<&str> = items
+        .iter()
+        .map(|i| i["movie_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["dark-s01e03", "inception"]);
+    assert_eq!(items[0]["resume_position_seconds"], 0);
+
+    // Bounded length.
+    let other = s.token(13, 2);
+    for (i, movie) in [
+        "inception",
+        "interstellar",
+        "dark-s01e01",
+        "arrival",
+        "heat",
+    ]
+    .iter()
+    .enumerate()
+    {
+        s.post_progress(&other, &progress(movie, 10, "tv", base + i as u64))
+            .await;
+    }
+    let r = s
+        .request("GET", "/api/v1/continue-watching", Some(&other), None)
+        .await;
+    assert!(r.json()["items"].as_array().unwrap().len() <= 3);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn delete_survives_a_late_older_heartbeat() {
+    let s = TestServer::start().await;
+    let t = s.token(14, 1);
+    let base = now_ms() - 60_000;
+    s.post_progress(&t, &progress("inception", 3000, "tv", base))
+        .await;
+    let r = s
+        .request(
+            "DELETE",
+            "/api/v1/stream/progress?movie_id=inception",
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    // A heartbeat sent before the delete arrives after it.
+    s.post_progress(&t, &progress("inception", 3004, "tv", base + 4_000))
+        .await;
+    assert_eq!(
+        s.resume(&t, "inception").await["resume_position_seconds"],
+        0
+    );
+    let cw = s
+        .request("GET", "/api/v1/continue-watching", Some(&t), None)
+        .await
+        .json();
+    assert!(cw["items"].as_array().unwrap().is_empty(), "{cw}");
+
+    // Still gone after the tombstone reaches the store, and a late heartbeat after that.
+    s.engine.flush().await.unwrap();
+    s.post_progress(&t, &progress("inception", 3008, "tv", base + 8_000))
+        .await;
+    s.engine.flush().await.unwrap();
+    assert_eq!(
+        s.resume(&t, "inception").await["resume_position_seconds"],
+        0
+    );
+
+    // Watching again afterwards brings it back.
+    s.post_progress(&t, r#"{"movie_id":"inception","position_seconds":60}"#)
+        .await;
+    assert_eq!(
+        s.resume(&t, "inception").await["resume_position_seconds"],
+        60
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_reaches_only_its_own_profile() {
+    let s = TestServer::start().await;
+    let owner = s.token(15, 1);
+    let sibling = s.token(15, 2);
+    let stranger = s.token(16, 1);
+    s.post_progress(&owner, &progress("inception", 500, "tv", now_ms() - 1_000))
+        .await;
+    for (who, token) in [("sibling", &sibling), ("stranger", &stranger)] {
+        let r = s.resume(token, "inception").await;
+        assert_eq!(r["resume_position_seconds"], 0, "{who}");
+        let cw = s
+            .request("GET", "/api/v1/continue-watching", Some(token), None)
+            .await
+            .json();
+        assert!(cw["items"].as_array().unwrap().is_empty(), "{who}: {cw}");
+        let d = s
+            .request(
+                "DELETE",
+                "/api/v1/stream/progress?movie_id=inception",
+                Some(token),
+                None,
+            )
+            .await;
+        assert_eq!(d.status, 204);
+    }
+    assert_eq!(
+        s.resume(&owner, "inception").await["resume_position_seconds"],
+        500
+    );
+    s.stop().await;
+}
+
+fn b64(v: &serde_json::Value) -> String {
+    URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+fn hs256(header: serde_json::Value, claims: serde_json::Value, secret: &str) -> String {
+    jsonwebtoken_free_sign(&format!("{}.{}", b64(&header), b64(&claims)), secret)
+}
+
+/// HMAC-SHA256 signing without a JWT library, so tests can sign headers a library would
+/// refuse to produce (`alg: RS256` over an HMAC, missing claims).
+fn jsonwebtoken_free_sign(signing_input: &str, secret: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(signing_input.as_bytes());
+    format!(
+        "{signing_input}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    )
+}
+
+#[tokio::test]
+async fn bad_tokens_get_401_with_a_json_error() {
+    let s = TestServer::start().await;
+    let secret = s.config.auth.hs256_secret.clone();
+    let exp = now_ms() / 1000 + 600;
+    let claims = serde_json::json!({"account_id": 1, "profile_id": 1, "exp": exp});
+    let hs = serde_json::json!({"alg": "HS256", "typ": "JWT"});
+    let cases: Vec<(&str, Option<String>)> = vec![
+        ("missing header", None),
+        ("not bearer", Some("Basic dXNlcjpwYXNz".into())),
+        ("garbage", Some("Bearer not.a.jwt".into())),
+        (
+            "alg none",
+            Some(format!(
+                "Bearer {}.{}.",
+                b64(&serde_json::json!({"alg": "none"})),
+                b64(&claims)
+            )),
+        ),
+        (
+            "wrong secret",
+            Some(format!(
+                "Bearer {}",
+                hs256(hs.clone(), claims.clone(), "another-secret")
+            )),
+        ),
+        (
+            "RS256 header over an HMAC (algorithm confusion)",
+            Some(format!(
+                "Bearer {}",
+                hs256(serde_json::json!({"alg": "RS256"}), claims.clone(), &secret)
+            )),
+        ),
+        (
+            "expired",
+            Some(format!(
+                "Bearer {}",
+                hs256(
+                    hs.clone(),
+                    serde_json::json!({"account_id": 1, "profile_id": 1, "exp": 1_000_000}),
+                    &secret
+                )
+            )),
+        ),
+        (
+            "not yet valid",
+            Some(format!(
+                "Bearer {}",
+                hs256(
+                    hs.clone(),
+                    serde_json::json!({"account_id": 1, "profile_id": 1, "exp": exp, "nbf": exp}),
+                    &secret
+                )
+            )),
+        ),
+        (
+            "no exp",
+            Some(format!(
+                "Bearer {}",
+                hs256(
+                    hs.clone(),
+                    serde_json::json!({"account_id": 1, "profile_id": 1}),
+                    &secret
+                )
+            )),
+        ),
+        (
+            "no profile_id",
+            Some(format!(
+                "Bearer {}",
+                hs256(
+                    hs.clone(),
+                    serde_json::json!({"account_id": 1, "exp": exp}),
+                    &secret
+                )
+            )),
+        ),
+        (
+            "negative account_id",
+            Some(format!(
+                "Bearer {}",
+                hs256(
+                    hs.clone(),
+                    serde_json::json!({"account_id": -1, "profile_id": 1, "exp": exp}),
+                    &secret
+                )
+            )),
+        ),
+        (
+            "string profile_id",
+            Some(format!(
+                "Bearer {}",
+                hs256(
+                    hs.clone(),
+                    serde_json::json!({"account_id": 1, "profile_id": "1", "exp": exp}),
+                    &secret
+                )
+            )),
+        ),
+    ];
+    // The control: the same construction with the right secret is accepted.
+    let good = hs256(hs.clone(), claims.clone(), &secret);
+    assert_eq!(
+        s.resume(&good, "inception").await["resume_position_seconds"],
+        0
+    );
+
+    for (name, authorization) in cases {
+        for (method, path, body) in [
+            ("GET", "/api/v1/stream?movie_id=inception", None),
+            ("GET", "/api/v1/continue-watching", None),
+            ("DELETE", "/api/v1/stream/progress?movie_id=inception", None),
+            (
+                "POST",
+                "/api/v1/stream/progress",
+                Some(r#"{"movie_id":"inception","position_seconds":1}"#),
+            ),
+        ] {
+            let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\n");
+            if let Some(a) = &authorization {
+                raw.push_str(&format!("Authorization: {a}\r\n"));
+            }
+            let body = body.unwrap_or("");
+            raw.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+            let r = s.raw(raw.as_bytes()).await;
+            assert_eq!(r.status, 401, "{name} on {method} {path}: {}", r.body);
+            assert_eq!(r.error_code(), "unauthorized", "{name}");
+        }
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_4xx_naming_the_problem() {
+    let s = TestServer::start_with(|c| c.http.max_body_bytes = 512).await;
+    let t = s.token(17, 1);
+    let post = |body: String| {
+        let t = t.clone();
+        let s = &s;
+        async move { s.post_progress(&t, &body).await }
+    };
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("{not json".into(), 400, "malformed_json"),
+        (r#"{"movie_id":"inception"}"#.into(), 422, "invalid_field"),
+        (r#"{"movie_id":"inception","position_seconds":"12"}"#.into(), 422, "invalid_field"),
+        (r#"{"movie_id":7,"position_seconds":12}"#.into(), 422, "invalid_field"),
+        (r#"{"movie_id":"inception","position_seconds":-5}"#.into(), 422, "invalid_position"),
+        (r#"{"movie_id":"inception","position_seconds":1e999}"#.into(), 400, "malformed_json"),
+        (r#"{"movie_id":"inception","position_seconds":7861}"#.into(), 422, "position_out_of_range"),
+        (r#"{"movie_id":"no-such-film","position_seconds":1}"#.into(), 404, "unknown_movie"),
+        (r#"{"movie_id":"","position_seconds":1}"#.into(), 400, "invalid_movie_id"),
+        (r#"{"movie_id":"inception","position_seconds":1,"device_id":""}"#.into(), 422, "invalid_device_id"),
+        (format!(r#"{{"movie_id":"inception","position_seconds":1,"device_id":"{}"}}"#, "d".repeat(65)), 422, "invalid_device_id"),
+        (r#"{"movie_id":"inception","position_seconds":1,"extra":true}"#.into(), 422, "invalid_field"),
+        (r#"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["#.into(), 422, "invalid_field"),
+        (format!(r#"{{"movie_id":"inception","position_seconds":1,"device_id":{}{}}}"#, "[".repeat(200), "]".repeat(200)), 422, "invalid_field"),
+        (format!(r#"{{"movie_id":"inception","position_seconds":1,"device_id":"{}"}}"#, "x".repeat(600)), 413, "body_too_large"),
+    ];
+    for (body, status, code) in cases {
+        let r = post(body.clone()).await;
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+        assert_eq!(r.error_code(), code, "{body}");
+    }
+    // Accepted at exactly duration + allowance (7800 + 60).
+    assert_eq!(
+        post(r#"{"movie_id":"inception","position_seconds":7860}"#.into())
+            .await
+            .status,
+        204
+    );
+
+    // Wrong content type.
+    let raw = format!("POST /api/v1/stream/progress HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {t}\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{{}}");
+    let r = s.raw(raw.as_bytes()).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (415, "unsupported_media_type")
+    );
+    // Invalid UTF-8 in the body.
+    let body = b"{\"movie_id\":\"\xff\xfe\",\"position_seconds\":1}";
+    let mut raw = format!("POST /api/v1/stream/progress HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {t}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    raw.extend_from_slice(body);
+    let r = s.raw(&raw).await;
+    assert_eq!((r.status, r.error_code().as_str()), (400, "malformed_json"));
+    // Missing query parameter, unknown route, wrong method.
+    let r = s.request("GET", "/api/v1/stream", Some(&t), None).await;
+    assert_eq!((r.status, r.error_code().as_str()), (400, "invalid_query"));
+    let r = s
+        .request("GET", "/api/v1/stream?movie_id=nope", Some(&t), None)
+        .await;
+    assert_eq!((r.status, r.error_code().as_str()), (404, "unknown_movie"));
+    let r = s.request("GET", "/api/v2/anything", Some(&t), None).await;
+    assert_eq!((r.status, r.error_code().as_str()), (404, "not_found"));
+    let r = s
+        .request("PUT", "/api/v1/stream/progress", Some(&t), None)
+        .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (405, "method_not_allowed")
+    );
+
+    // Nothing bad was stored: the only accepted write is the 7860 one.
+    assert_eq!(s.resume(&t, "inception").await["completed"], true);
+    let metrics = s.request("GET", "/metrics", None, None).await.body;
+    assert!(metrics.contains(r#"playhead_heartbeats_rejected_total{protocol="http",reason="position_out_of_range"} 1"#), "{metrics}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn reads_degrade_to_zero_within_the_budget_when_the_store_fails() {
+    let s = TestServer::start_with(|c| c.store.read_timeout_ms = 50).await;
+    let t = s.token(18, 1);
+    s.post_progress(&t, &progress("inception", 900, "tv", now_ms() - 10_000))
+        .await;
+    s.engine.flush().await.unwrap();
+    s.post_progress(&t, &progress("interstellar", 400, "tv", now_ms() - 5_000))
+        .await;
+
+    // A store that hangs: the flushed title answers 0 within the budget; the one still in
+    // memory answers from memory.
+    s.faults.set_read_delay_ms(5_000);
+    let started = Instant::now();
+    let r = s.resume(&t, "inception").await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1_000),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        (r["resume_position_seconds"].as_u64(), r["source"].as_str()),
+        (Some(0), Some("degraded"))
+    );
+    let r = s.resume(&t, "interstellar").await;
+    assert_eq!(
+        (r["resume_position_seconds"].as_u64(), r["source"].as_str()),
+        (Some(400), Some("memory"))
+    );
+    let ready = s.request("GET", "/readyz", None, None).await;
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["status"], "degraded");
+
+    // A store that errors.
+    s.faults.set_read_delay_ms(0);
+    s.faults.set_failing(false, true);
+    let r = s.resume(&t, "inception").await;
+    assert_eq!(r["source"], "degraded");
+    let cw = s
+        .request("GET", "/api/v1/continue-watching", Some(&t), None)
+        .await;
+    assert_eq!(cw.status, 200);
+    assert_eq!(cw.json()["source"], "degraded");
+
+    // Recovered.
+    s.faults.set_failing(false, false);
+    assert_eq!(
+        s.resume(&t, "inception").await["resume_position_seconds"],
+        900
+    );
+    let metrics = s.request("GET", "/metrics", None, None).await.body;
+    assert!(
+        metrics.contains("playhead_store_reads_total{source=\"degraded\"} 3"),
+        "{metrics}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_coalescer_answers_503_with_retry_after() {
+    let s = TestServer::start_with(|c| {
+        c.coalescer.shards = 1;
+        c.coalescer.max_keys = 2;
+    })
+    .await;
+    let t = s.token(19, 1);
+    assert_eq!(
+        s.post_progress(&t, &progress("inception", 1, "tv", now_ms()))
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        s.post_progress(&t, &progress("interstellar", 1, "tv", now_ms()))
+            .await
+            .status,
+        204
+    );
+    let r = s
+        .post_progress(&t, &progress("arrival", 1, "tv", now_ms()))
+        .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.error_code(), "overloaded");
+    // Keys already in memory still update.
+    assert_eq!(
+        s.post_progress(&t, &progress("inception", 2, "tv", now_ms()))
+            .await
+            .status,
+        204
+    );
+    // After a flush there is room again.
+    s.engine.flush().await.unwrap();
+    assert_eq!(
+        s.post_progress(&t, &progress("arrival", 1, "tv", now_ms()))
+            .await
+            .status,
+        204
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let s = TestServer::start().await;
+    let t = s.token(20, 1);
+    s.post_progress(&t, &progress("inception", 5, "tv", now_ms()))
+        .await;
+    s.engine.flush().await.unwrap();
+    s.resume(&t, "inception").await;
+    let h = s.request("GET", "/healthz", None, None).await;
+    assert_eq!(
+        (h.status, h.json()["status"].as_str()),
+        (200, Some("alive"))
+    );
+    let r = s.request("GET", "/readyz", None, None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"], "ready");
+    assert_eq!(r.json()["wal"], "replayed");
+    let m = s.request("GET", "/metrics", None, None).await;
+    assert_eq!(m.status, 200);
+    assert!(m.header("content-type").unwrap().starts_with("text/plain"));
+    for name in [
+        "playhead_heartbeats_accepted_total{protocol=\"http\"} 1",
+        "playhead_coalescer_upserts_total{outcome=\"inserted\"} 1",
+        "playhead_flush_rows_total 1",
+        "playhead_flush_duration_seconds_count",
+        "playhead_store_reads_total{source=\"store\"} 1",
+        "playhead_wal_appended_bytes_total",
+        "playhead_wal_fsync_seconds_bucket",
+        "playhead_http_requests_total{route=\"post_progress\",status=\"204\"} 1",
+        "playhead_http_request_duration_seconds_bucket{route=\"get_stream\",class=\"2xx\"",
+        "playhead_resume_read_duration_seconds_count 1",
+    ] {
+        assert!(m.body.contains(name), "missing `{name}` in\n{}", m.body);
+    }
+    // Every sample line is `name{labels} value` or `name value`.
+    for line in m.body.lines().filter(|l| !l.starts_with('#')) {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "bad sample line `{line}`");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed_and_slow_headers_time_out() {
+    let s = TestServer::start_with(|c| {
+        c.http.max_connections = 2;
+        c.http.header_read_timeout_ms = 300;
+    })
+    .await;
+    // Two idle connections hold both slots.
+    let a = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let b = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .ok();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the third connection is closed without an answer");
+
+    // Slowloris: a connection that never finishes its headers is closed after the timeout,
+    // freeing its slot.
+    let mut slow = a;
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(s.request("GET", "/healthz", None, None).await.status, 200);
+    s.stop().await;
+}
