@@ -49,6 +49,25 @@ impl WriteError {
     }
 }
 
+/// A submitted write: in memory and appended to the log, maybe not yet fsynced.
+#[derive(Clone, Copy, Debug)]
+#[must_use = "a submitted write may only be acknowledged after `durable`"]
+pub struct PendingWrite {
+    pub receipt: WriteReceipt,
+    /// The log position to wait for before acknowledging (`group` mode), if any.
+    pub wait_for: Option<crate::wal::Lsn>,
+}
+
+impl PendingWrite {
+    /// Waits until the write may be acknowledged.
+    pub async fn durable(self, engine: &Engine) -> Result<WriteReceipt, WriteError> {
+        if let Some(lsn) = self.wait_for {
+            engine.shared.wal.wait_durable(lsn).await?;
+        }
+        Ok(self.receipt)
+    }
+}
+
 /// Why a heartbeat is refused before it reaches the engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RejectReason {
@@ -236,6 +255,15 @@ impl Engine {
     /// Takes `records` into the coalescer and the commit log and returns once they may be
     /// acknowledged (in `group` mode: once fsynced).
     pub async fn write(&self, records: &[Record]) -> Result<WriteReceipt, WriteError> {
+        let pending = self.submit(records)?;
+        pending.durable(self).await
+    }
+
+    /// The synchronous half of [`Engine::write`]: upserts and appends `records`, and says
+    /// what must still happen before they may be acknowledged. Lets a pipelining server
+    /// take the next batch while this one waits for its fsync; acknowledgements must then
+    /// be sent in submission order (log positions only grow).
+    pub fn submit(&self, records: &[Record]) -> Result<PendingWrite, WriteError> {
         let shared = &self.shared;
         shared.stats.write_calls.fetch_add(1, Ordering::Relaxed);
         let mut receipt = WriteReceipt::default();
@@ -254,14 +282,14 @@ impl Engine {
         let lsn = shared.wal.append(records).inspect_err(|_| {
             shared.stats.write_refused.fetch_add(1, Ordering::Relaxed);
         })?;
-        if shared.config.wal.sync_mode == SyncMode::Group {
-            shared.wal.wait_durable(lsn).await?;
-        }
         shared
             .stats
             .write_records
             .fetch_add(records.len() as u64, Ordering::Relaxed);
-        Ok(receipt)
+        Ok(PendingWrite {
+            receipt,
+            wait_for: (shared.config.wal.sync_mode == SyncMode::Group).then_some(lsn),
+        })
     }
 
     /// The newest visible value of `key`: the newer of what memory and the store hold, the

@@ -5,7 +5,9 @@
 //! what the servers (HTTP, binary) hold.
 
 pub mod auth;
+pub mod binary;
 pub mod catalog;
+pub mod client;
 pub mod coalescer;
 pub mod config;
 pub mod engine;
@@ -13,5 +15,6 @@ pub mod flusher;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod protocol;
 pub mod store;
 pub mod wal;

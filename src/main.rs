@@ -149,15 +149,39 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding the HTTP listener {}", config.http.listen))?;
     let http_addr = listener.local_addr().context("reading the HTTP address")?;
     warn_if_exposed(&config, &verifier, http_addr);
+    let binary_listener = if config.binary.enabled {
+        let listener = playhead::binary::bind(&config.binary)
+            .with_context(|| format!("binding the binary listener {}", config.binary.listen))?;
+        let addr = listener
+            .local_addr()
+            .context("reading the binary address")?;
+        if !addr.ip().is_loopback() && config.binary.secret == playhead::config::BINARY_DEV_SECRET {
+            tracing::warn!(%addr, "the binary listener is exposed beyond this machine with the public development secret: set PLAYHEAD_BINARY__SECRET");
+        }
+        Some((listener, addr))
+    } else {
+        None
+    };
 
     let (engine, _) = Engine::open(config.clone(), store)
         .with_context(|| format!("opening the commit log in {}", config.wal_dir().display()))?;
     let background = engine.spawn_background();
     let state = Arc::new(AppState::new(engine.clone(), catalog, verifier));
-    let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
-    let http_server = tokio::spawn(http::serve(listener, state, http_stopped));
+    let (stop_listeners, listeners_stopped) = tokio::sync::watch::channel(false);
+    let http_server = tokio::spawn(http::serve(
+        listener,
+        Arc::clone(&state),
+        listeners_stopped.clone(),
+    ));
+    let binary_addr = binary_listener
+        .as_ref()
+        .map_or_else(|| "disabled".to_string(), |(_, addr)| addr.to_string());
+    let binary_server = binary_listener.map(|(listener, _)| {
+        tokio::spawn(playhead::binary::serve(listener, state, listeners_stopped))
+    });
     tracing::info!(
         http = %http_addr,
+        binary = %binary_addr,
         data_dir = %config.server.data_dir.display(),
         sync_mode = ?config.wal.sync_mode,
         flush_interval_ms = config.flush.interval_ms,
@@ -167,9 +191,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         "shutting down: finishing requests, flushing the coalescer, syncing the commit log"
     );
-    let _ = stop_http.send(true);
+    let _ = stop_listeners.send(true);
     if let Err(e) = http_server.await {
         tracing::error!("the HTTP server task failed: {e}");
+    }
+    if let Some(binary_server) = binary_server {
+        if let Err(e) = binary_server.await {
+            tracing::error!("the binary server task failed: {e}");
+        }
     }
     let report = engine.shutdown(Some(background)).await;
     tracing::info!(

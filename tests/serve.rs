@@ -27,6 +27,7 @@ fn start_http(dir: &Path) -> (Child, mpsc::Receiver<String>, String) {
         .env("PLAYHEAD_SERVER__DATA_DIR", dir)
         .env("PLAYHEAD_SERVER__WORKER_THREADS", "2")
         .env("PLAYHEAD_HTTP__LISTEN", "127.0.0.1:0")
+        .env("PLAYHEAD_BINARY__LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -190,6 +190,11 @@ pub struct HttpMetrics {
     pub resume_read_seconds: Histogram,
     pub connections_open: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// Binary-protocol connections open, refused at the cap, and closed for a protocol
+    /// error (by error code, 1..=14; index 0 unused).
+    pub binary_connections: AtomicU64,
+    pub binary_connections_refused: AtomicU64,
+    binary_protocol_errors: [AtomicU64; 16],
 }
 
 impl HttpMetrics {
@@ -200,6 +205,11 @@ impl HttpMetrics {
 
     pub fn rejected(&self, protocol: &'static str, reason: &'static str, records: u64) {
         *self.rejected.lock().entry((protocol, reason)).or_default() += records;
+    }
+
+    pub fn binary_protocol_error(&self, code: crate::protocol::ErrorCode) {
+        let i = (code as usize).min(self.binary_protocol_errors.len() - 1);
+        self.binary_protocol_errors[i].fetch_add(1, Ordering::Relaxed);
     }
 
     fn observe(&self, route: usize, status: StatusCode, elapsed: Duration) {
@@ -609,6 +619,36 @@ pub fn render(state: &AppState) -> String {
         "Connections closed at once because http.max_connections were open.",
         load(&m.connections_refused),
     );
+    single(
+        &mut out,
+        "playhead_binary_connections",
+        "gauge",
+        "Open binary-protocol connections.",
+        load(&m.binary_connections),
+    );
+    single(
+        &mut out,
+        "playhead_binary_connections_refused_total",
+        "counter",
+        "Binary connections refused because binary.max_connections were open.",
+        load(&m.binary_connections_refused),
+    );
+    head(
+        &mut out,
+        "playhead_binary_protocol_errors_total",
+        "counter",
+        "Binary connections closed after a protocol error, by error code name.",
+    );
+    for code in 1..m.binary_protocol_errors.len() as u16 {
+        if let Some(c) = crate::protocol::ErrorCode::from_u16(code) {
+            sample(
+                &mut out,
+                "playhead_binary_protocol_errors_total",
+                &format!("code=\"{}\"", c.name()),
+                load(&m.binary_protocol_errors[code as usize]),
+            );
+        }
+    }
     out
 }
 

@@ -24,11 +24,14 @@ use playhead::store::{EmbeddedStore, FaultSwitch, FaultyStore};
 /// A running server and the handles tests poke at.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The binary-protocol listener.
+    pub binary_addr: SocketAddr,
     pub engine: Engine,
     pub faults: Arc<FaultSwitch>,
     pub config: Config,
     stop: watch::Sender<bool>,
     server: Option<tokio::task::JoinHandle<()>>,
+    binary: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
@@ -38,6 +41,7 @@ pub fn test_config(dir: &Path) -> Config {
     config.server.data_dir = dir.to_path_buf();
     config.api.catalog_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/catalog.toml");
     config.http.listen = "127.0.0.1:0".into();
+    config.binary.listen = "127.0.0.1:0".into();
     config
 }
 
@@ -63,9 +67,18 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(AppState::new(engine.clone(), catalog, verifier));
         let (stop, stopped) = watch::channel(false);
+        let binary_listener = playhead::binary::bind(&config.binary).unwrap();
+        let binary_addr = binary_listener.local_addr().unwrap();
+        let binary = tokio::spawn(playhead::binary::serve(
+            binary_listener,
+            Arc::clone(&state),
+            stopped.clone(),
+        ));
         let server = tokio::spawn(playhead::http::serve(listener, state, stopped));
         Self {
             addr,
+            binary_addr,
+            binary: Some(binary),
             engine,
             faults,
             config,
@@ -73,6 +86,13 @@ impl TestServer {
             server: Some(server),
             _dir: dir,
         }
+    }
+
+    /// A binary-protocol client, authenticated.
+    pub async fn binary_client(&self) -> playhead::client::Client {
+        playhead::client::Client::connect(self.binary_addr, self.config.binary.secret.as_bytes())
+            .await
+            .unwrap()
     }
 
     /// A valid token for one profile.
@@ -136,6 +156,9 @@ impl TestServer {
         let _ = self.stop.send(true);
         if let Some(server) = self.server.take() {
             server.await.unwrap();
+        }
+        if let Some(binary) = self.binary.take() {
+            binary.await.unwrap();
         }
         self.engine.shutdown(None).await
     }
