@@ -1,0 +1,377 @@
+//! Binary-protocol drivers: `max` and `fleet`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::BytesMut;
+use playhead::client::{Client, Receiver, Reply, Sender};
+use playhead::protocol::{self, WireRecord};
+use tokio::task::JoinSet;
+use tokio::time::sleep_until;
+
+use crate::fleet::{Fleet, TICK};
+use crate::report::{latency_start, Live, TaskStats, Window};
+use crate::workload::{Expected, LoadTitle, Outcome};
+use crate::Args;
+
+/// Replies still awaited after the run ends are given up after this.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Byte offset of record `i`'s position in an encoded batch frame.
+fn position_offset(i: usize) -> usize {
+    protocol::HEADER_BYTES + protocol::BATCH_PREFIX_BYTES + i * protocol::RECORD_BYTES + 24
+}
+
+async fn connect(args: &Args) -> anyhow::Result<(Sender, Receiver)> {
+    let client = Client::connect(args.binary_addr, args.secret.as_bytes())
+        .await
+        .with_context(|| format!("connecting to the binary listener {}", args.binary_addr))?;
+    let (tx, rx, _) = client.into_split();
+    Ok((tx, rx))
+}
+
+/// One batch sent and not yet answered.
+struct Pending {
+    intended: Instant,
+    frame: usize,
+    round: u32,
+}
+
+/// `max`: every connection owns a slice of the keys, pre-encoded as frames of `--batch`
+/// records; round `r` of a frame carries position `min(r + 1, cap)` for all its keys, so
+/// the newest acknowledged position of a key is known from the frame's last acked round.
+pub async fn run_max(
+    args: &Args,
+    titles: &Arc<Vec<LoadTitle>>,
+    live: &Arc<Live>,
+    window: Window,
+) -> anyhow::Result<Outcome> {
+    let connections = args.connections.max(1) as u64;
+    let cap = titles
+        .iter()
+        .map(|t| t.max_position)
+        .min()
+        .unwrap_or(1)
+        .max(1);
+    let mut tasks = JoinSet::new();
+    for c in 0..connections {
+        let lo = args.keys * c / connections;
+        let hi = args.keys * (c + 1) / connections;
+        let (args, titles, live) = (args.clone(), Arc::clone(titles), Arc::clone(live));
+        tasks
+            .spawn(async move { max_connection(&args, &titles, &live, window, lo, hi, cap).await });
+    }
+    let mut outcome = Outcome {
+        stats: TaskStats::new(),
+        latency_of: "batch",
+        expected: Vec::new(),
+        unverifiable: 0,
+    };
+    while let Some(done) = tasks.join_next().await {
+        let (stats, expected, unverifiable) = done??;
+        outcome.stats.merge(&stats);
+        outcome.expected.extend(expected);
+        outcome.unverifiable += unverifiable;
+    }
+    Ok(outcome)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn max_connection(
+    args: &Args,
+    titles: &[LoadTitle],
+    live: &Live,
+    window: Window,
+    lo: u64,
+    hi: u64,
+    cap: u32,
+) -> anyhow::Result<(TaskStats, Vec<Expected>, u64)> {
+    let batch = args.batch.max(1);
+    let key = |i: u64| WireRecord {
+        account_id: args.account_base + i,
+        profile_id: 1,
+        title_id: titles[(i % titles.len() as u64) as usize].title_id,
+        position_seconds: 0,
+        device_id: 1,
+        timestamp_ms: 0,
+    };
+    // Pre-encode every frame once; rounds only patch positions, seq and CRC in place.
+    let mut frames: Vec<(BytesMut, u64)> = Vec::new();
+    let mut records = Vec::with_capacity(batch);
+    let mut start = lo;
+    while start < hi {
+        let end = (start + batch as u64).min(hi);
+        records.clear();
+        records.extend((start..end).map(key));
+        let mut frame = BytesMut::new();
+        protocol::encode_batch(&mut frame, 0, &records);
+        frames.push((frame, start));
+        start = end;
+    }
+    let mut stats = TaskStats::new();
+    if frames.is_empty() {
+        return Ok((stats, Vec::new(), 0));
+    }
+    let (mut tx, mut rx) = connect(args).await?;
+    // Open loop: one batch per connection every `interval`.
+    let interval = (args.rate > 0.0)
+        .then(|| Duration::from_secs_f64(batch as f64 * args.connections as f64 / args.rate));
+    let mut next_due = window.start;
+    let mut pending: VecDeque<Pending> = VecDeque::with_capacity(args.in_flight);
+    let mut resend: VecDeque<(usize, u32)> = VecDeque::new();
+    let mut last_acked = vec![0u32; frames.len()];
+    let mut last_sent = vec![0u32; frames.len()];
+    let mut counter = 0u64;
+    let mut seq = 0u64;
+    let in_flight = args.in_flight.max(1);
+
+    loop {
+        let now = Instant::now();
+        let running = now < window.end;
+        if !running && pending.is_empty() && resend.is_empty() {
+            break;
+        }
+        if !running && now > window.end + DRAIN {
+            break;
+        }
+        let can_send = pending.len() < in_flight && (running || !resend.is_empty());
+        let due = if !resend.is_empty() || interval.is_none() {
+            now
+        } else {
+            next_due
+        };
+        tokio::select! {
+            biased;
+            reply = rx.recv(), if !pending.is_empty() => {
+                let reply = reply.context("reading replies")?;
+                let p = pending.pop_front().context("a reply nobody waited for")?;
+                let at = Instant::now();
+                match reply {
+                    Reply::Ack { accepted, rejections, .. } => {
+                        last_acked[p.frame] = p.round;
+                        live.acked.fetch_add(u64::from(accepted), Ordering::Relaxed);
+                        if window.measuring(at) {
+                            stats.acked += u64::from(accepted);
+                            stats.rejected += rejections.len() as u64;
+                        }
+                        if window.measuring(p.intended) {
+                            stats.record_latency(at - p.intended);
+                        }
+                    }
+                    Reply::Busy { retry_after_ms, .. } => {
+                        live.busy.fetch_add(1, Ordering::Relaxed);
+                        if window.measuring(at) {
+                            stats.busy += 1;
+                        }
+                        tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms))).await;
+                        resend.push_back((p.frame, p.round));
+                    }
+                }
+            }
+            _ = sleep_until(due.into()), if can_send => {
+                let (frame_index, round, intended) = match resend.pop_front() {
+                    Some((f, r)) => (f, r, Instant::now()),
+                    None => {
+                        let f = (counter % frames.len() as u64) as usize;
+                        let r = (counter / frames.len() as u64) as u32 + 1;
+                        counter += 1;
+                        let intended = if interval.is_some() { latency_start(next_due, Instant::now()) } else { Instant::now() };
+                        if let Some(i) = interval {
+                            next_due += i;
+                        }
+                        (f, r, intended)
+                    }
+                };
+                let (frame, _) = &mut frames[frame_index];
+                let position = round.min(cap).to_le_bytes();
+                let count = (frame.len() - protocol::HEADER_BYTES - protocol::BATCH_PREFIX_BYTES) / protocol::RECORD_BYTES;
+                for i in 0..count {
+                    let at = position_offset(i);
+                    frame[at..at + 4].copy_from_slice(&position);
+                }
+                seq += 1;
+                protocol::set_batch_seq(frame, seq);
+                tx.send_frame(frame).await.context("sending a batch")?;
+                last_sent[frame_index] = last_sent[frame_index].max(round);
+                pending.push_back(Pending { intended, frame: frame_index, round });
+            }
+        }
+    }
+
+    // What the server must show: each frame's last acknowledged round, unless a later
+    // send of that frame was never answered.
+    let mut expected = Vec::new();
+    let mut unverifiable = 0u64;
+    let unanswered: Vec<usize> = pending
+        .iter()
+        .map(|p| p.frame)
+        .chain(resend.iter().map(|r| r.0))
+        .collect();
+    for (f, (frame, first_key)) in frames.iter().enumerate() {
+        let count = ((frame.len() - protocol::HEADER_BYTES - protocol::BATCH_PREFIX_BYTES)
+            / protocol::RECORD_BYTES) as u64;
+        if unanswered.contains(&f) {
+            unverifiable += count;
+            continue;
+        }
+        if last_acked[f] == 0 {
+            continue;
+        }
+        for i in *first_key..first_key + count {
+            expected.push(Expected {
+                account_id: args.account_base + i,
+                profile_id: 1,
+                title: (i % titles.len() as u64) as u32,
+                position_seconds: last_acked[f].min(cap),
+            });
+        }
+    }
+    if !pending.is_empty() {
+        live.errors
+            .fetch_add(pending.len() as u64, Ordering::Relaxed);
+        stats.errors += pending.len() as u64;
+    }
+    Ok((stats, expected, unverifiable))
+}
+
+/// `fleet`: the viewers of each connection report on their ticks; a tick's heartbeats go
+/// as one batch, latency measured from the tick's scheduled time.
+pub async fn run_fleet(
+    args: &Args,
+    titles: &Arc<Vec<LoadTitle>>,
+    live: &Arc<Live>,
+    window: Window,
+) -> anyhow::Result<Outcome> {
+    let connections = args.connections.max(1) as u64;
+    let mut tasks = JoinSet::new();
+    for c in 0..connections {
+        let (args, titles, live) = (args.clone(), Arc::clone(titles), Arc::clone(live));
+        tasks.spawn(async move {
+            let fleet = Fleet::new(
+                c,
+                connections,
+                args.viewers,
+                args.profiles_per_household,
+                Duration::from_secs_f64(args.heartbeat_secs),
+                args.account_base,
+                &titles,
+            );
+            fleet_connection(&args, &titles, &live, window, fleet).await
+        });
+    }
+    let mut outcome = Outcome {
+        stats: TaskStats::new(),
+        latency_of: "batch",
+        expected: Vec::new(),
+        unverifiable: 0,
+    };
+    while let Some(done) = tasks.join_next().await {
+        let (stats, expected, unverifiable) = done??;
+        outcome.stats.merge(&stats);
+        outcome.expected.extend(expected);
+        outcome.unverifiable += unverifiable;
+    }
+    Ok(outcome)
+}
+
+async fn fleet_connection(
+    args: &Args,
+    titles: &[LoadTitle],
+    live: &Live,
+    window: Window,
+    mut fleet: Fleet,
+) -> anyhow::Result<(TaskStats, Vec<Expected>, u64)> {
+    let mut stats = TaskStats::new();
+    if fleet.len() == 0 {
+        return Ok((stats, Vec::new(), 0));
+    }
+    let title_index: HashMap<u64, u32> = titles
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.title_id, i as u32))
+        .collect();
+    let (mut tx, mut rx) = connect(args).await?;
+    let max_batch = args.batch.max(1);
+    // In-flight batches keep their records (reused buffers) until acknowledged.
+    let mut pending: VecDeque<(Instant, Vec<WireRecord>)> = VecDeque::new();
+    let mut pool: Vec<Vec<WireRecord>> = Vec::new();
+    let mut frame = BytesMut::with_capacity(64 * 1024);
+    let mut seq = 0u64;
+    let mut tick = 0u64;
+    let in_flight = args.in_flight.max(1);
+    let mut due_records: Vec<WireRecord> = Vec::new();
+    loop {
+        let now = Instant::now();
+        let running = now < window.end;
+        if (!running && pending.is_empty()) || now > window.end + DRAIN {
+            break;
+        }
+        let intended = window.start + TICK * tick as u32;
+        let can_send = running && pending.len() < in_flight;
+        tokio::select! {
+            biased;
+            reply = rx.recv(), if !pending.is_empty() => {
+                let reply = reply.context("reading replies")?;
+                let (started, records) = pending.pop_front().context("a reply nobody waited for")?;
+                let at = Instant::now();
+                match reply {
+                    Reply::Ack { accepted, rejections, .. } => {
+                        live.acked.fetch_add(u64::from(accepted), Ordering::Relaxed);
+                        for (i, r) in records.iter().enumerate() {
+                            if !rejections.iter().any(|(j, _)| *j as usize == i) {
+                                fleet.acknowledged(r, title_index[&r.title_id]);
+                            }
+                        }
+                        if window.measuring(at) {
+                            stats.acked += u64::from(accepted);
+                            stats.rejected += rejections.len() as u64;
+                        }
+                        if window.measuring(started) {
+                            stats.record_latency(at - started);
+                        }
+                    }
+                    Reply::Busy { retry_after_ms, .. } => {
+                        // Heartbeats are periodic: a refused one is superseded by the
+                        // viewer's next; it is simply not acknowledged.
+                        live.busy.fetch_add(1, Ordering::Relaxed);
+                        if window.measuring(at) {
+                            stats.busy += 1;
+                        }
+                        for r in &records {
+                            fleet.unacknowledged(r, title_index[&r.title_id]);
+                        }
+                        tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms))).await;
+                    }
+                }
+                pool.push(records);
+            }
+            _ = sleep_until(intended.into()), if can_send => {
+                let now_ms = playhead::model::now_ms();
+                let start = latency_start(intended, Instant::now());
+                due_records.clear();
+                fleet.due(tick, now_ms, titles, |r| due_records.push(r));
+                tick += 1;
+                for chunk in due_records.chunks(max_batch) {
+                    let mut kept = pool.pop().unwrap_or_default();
+                    kept.clear();
+                    kept.extend_from_slice(chunk);
+                    seq += 1;
+                    frame.clear();
+                    protocol::encode_batch(&mut frame, seq, chunk);
+                    tx.send_frame(&frame).await.context("sending a batch")?;
+                    pending.push_back((start, kept));
+                }
+            }
+        }
+    }
+    for (_, records) in &pending {
+        for r in records {
+            fleet.unacknowledged(r, title_index[&r.title_id]);
+        }
+    }
+    let (expected, unverifiable) = fleet.expected();
+    Ok((stats, expected, unverifiable))
+}

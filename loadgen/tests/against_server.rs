@@ -1,0 +1,277 @@
+//! Runs the real `playhead-loadgen` binary against an in-process Playhead (real engine,
+//! fjall store, HTTP and binary listeners on 127.0.0.1 port 0), with `--verify`, for each
+//! workload and protocol. Short and bounded: these check behaviour, not speed.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use playhead::auth::Verifier;
+use playhead::catalog::Catalog;
+use playhead::config::Config;
+use playhead::engine::Engine;
+use playhead::http::AppState;
+use playhead::store::EmbeddedStore;
+
+struct Server {
+    http: SocketAddr,
+    binary: SocketAddr,
+    engine: Engine,
+    _dir: tempfile::TempDir,
+}
+
+async fn server() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.server.data_dir = dir.path().to_path_buf();
+    config.api.catalog_path = catalog();
+    config.binary.listen = "127.0.0.1:0".into();
+    let store = EmbeddedStore::open(&config.embedded_store_dir(), 8 << 20).unwrap();
+    let (engine, _) = Engine::open(config.clone(), Arc::new(store)).unwrap();
+    let _background = engine.spawn_background();
+    let state = Arc::new(AppState::new(
+        engine.clone(),
+        Catalog::load(&config.api.catalog_path).unwrap(),
+        Verifier::from_config(&config.auth).unwrap(),
+    ));
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    let binary = playhead::binary::bind(&config.binary).unwrap();
+    let binary_addr = binary.local_addr().unwrap();
+    tokio::spawn(playhead::http::serve(
+        http,
+        Arc::clone(&state),
+        stopped.clone(),
+    ));
+    tokio::spawn(playhead::binary::serve(binary, state, stopped));
+    std::mem::forget(_stop);
+    Server {
+        http: http_addr,
+        binary: binary_addr,
+        engine,
+        _dir: dir,
+    }
+}
+
+fn catalog() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/catalog.toml")
+}
+
+/// Runs the load generator and returns its JSON report.
+async fn loadgen(s: &Server, extra: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let plot = dir.path().join("curve.svg");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_playhead-loadgen"));
+    command
+        .args(extra)
+        .args(["--binary-addr", &s.binary.to_string()])
+        .args(["--http-addr", &s.http.to_string()])
+        .args([
+            "--duration-secs",
+            "1.5",
+            "--warmup-secs",
+            "0.3",
+            "--quiet",
+            "--verify",
+        ])
+        .arg("--catalog")
+        .arg(catalog())
+        .arg("--json")
+        .arg(&report)
+        .arg("--plot")
+        .arg(&plot);
+    let out = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("0 mismatches"), "{stdout}");
+    assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
+    serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_workload_verifies_clean() {
+    let s = server().await;
+    let r = loadgen(
+        &s,
+        &[
+            "max",
+            "--keys",
+            "20000",
+            "--connections",
+            "2",
+            "--batch",
+            "256",
+        ],
+    )
+    .await;
+    assert!(r["acked"].as_u64().unwrap() > 0);
+    assert_eq!(r["verification"]["mismatches"], 0);
+    assert_eq!(r["verification"]["keys_written"], 20_000);
+    assert!(r["latency"]["p99"].as_f64().unwrap() > 0.0);
+
+    let r = loadgen(
+        &s,
+        &[
+            "max",
+            "--keys",
+            "5000",
+            "--rate",
+            "50000",
+            "--batch",
+            "100",
+            "--account-base",
+            "5000000",
+        ],
+    )
+    .await;
+    let rate = r["acked_per_sec"].as_f64().unwrap();
+    assert!(rate < 80_000.0, "open loop holds its rate: {rate}");
+
+    let r = loadgen(
+        &s,
+        &[
+            "fleet",
+            "--viewers",
+            "20000",
+            "--connections",
+            "2",
+            "--account-base",
+            "7000000",
+        ],
+    )
+    .await;
+    assert!(
+        r["verification"]["checked"].as_u64().unwrap() > 1_000,
+        "{r}"
+    );
+
+    let r = loadgen(
+        &s,
+        &[
+            "max",
+            "--protocol",
+            "http",
+            "--keys",
+            "500",
+            "--connections",
+            "4",
+            "--account-base",
+            "9000000",
+        ],
+    )
+    .await;
+    assert!(r["verification"]["checked"].as_u64().unwrap() > 100, "{r}");
+
+    let r = loadgen(
+        &s,
+        &[
+            "read",
+            "--protocol",
+            "http",
+            "--keys",
+            "500",
+            "--write-ratio",
+            "0.3",
+            "--rate",
+            "2000",
+            "--account-base",
+            "9000000",
+        ],
+    )
+    .await;
+    assert!(r["reads"].as_u64().unwrap() > 0, "{r}");
+
+    let r = loadgen(
+        &s,
+        &[
+            "fleet",
+            "--protocol",
+            "http",
+            "--viewers",
+            "2000",
+            "--connections",
+            "2",
+            "--account-base",
+            "11000000",
+        ],
+    )
+    .await;
+    assert!(r["verification"]["checked"].as_u64().unwrap() > 100, "{r}");
+    let _ = s.engine.flush().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mismatch_fails_the_run() {
+    // Write to one server, verify against another that never saw the writes: exactly what a
+    // server that lost acknowledged heartbeats looks like to --verify.
+    let writer = server().await;
+    let other = server().await;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_playhead-loadgen"));
+    command
+        .args([
+            "max",
+            "--keys",
+            "1000",
+            "--connections",
+            "1",
+            "--batch",
+            "100",
+        ])
+        .args(["--binary-addr", &writer.binary.to_string()])
+        .args(["--http-addr", &other.http.to_string()])
+        .args([
+            "--duration-secs",
+            "0.5",
+            "--warmup-secs",
+            "0",
+            "--quiet",
+            "--verify",
+        ])
+        .arg("--catalog")
+        .arg(catalog());
+    let out = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("1000 mismatches") && stdout.contains("FAILED"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn an_unreachable_server_fails_loudly() {
+    let out = Command::new(env!("CARGO_BIN_EXE_playhead-loadgen"))
+        .args([
+            "max",
+            "--binary-addr",
+            "127.0.0.1:1",
+            "--duration-secs",
+            "0.2",
+            "--warmup-secs",
+            "0",
+            "--quiet",
+        ])
+        .arg("--catalog")
+        .arg(catalog())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("connecting"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
