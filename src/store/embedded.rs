@@ -25,6 +25,11 @@ use crate::model::{Key, Record, Value};
 /// of a large store never stalls flushes for long.
 const PURGE_CHUNK_ROWS: usize = 4096;
 
+/// Memtable size. Every write reads its key first (last-write-wins), and a point read of a
+/// key missing from a large memtable walks a long skiplist; sealed memtables become
+/// bloom-filtered tables quickly. Measured in benches/flush.rs (BENCHMARKS.md).
+const MEMTABLE_BYTES: u64 = 4 << 20;
+
 /// Cheap-to-clone handle on the fjall database.
 #[derive(Clone)]
 pub struct EmbeddedStore {
@@ -54,7 +59,9 @@ impl EmbeddedStore {
             .open()
             .map_err(|e| io_error(&format!("opening fjall database {}", dir.display()), e))?;
         let positions = db
-            .keyspace("positions", KeyspaceCreateOptions::default)
+            .keyspace("positions", || {
+                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            })
             .map_err(|e| io_error("opening keyspace `positions`", e))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -229,7 +236,9 @@ impl Store for EmbeddedStore {
         if records.is_empty() {
             return Ok(());
         }
-        let records = records.to_vec();
+        let mut records = records.to_vec();
+        // Key order: consecutive lookups share the memtable's and tables' search paths.
+        records.sort_unstable_by_key(|r| r.key);
         self.blocking(move |inner| inner.write(&records)).await
     }
 
