@@ -15,6 +15,7 @@
 mod binary;
 mod fleet;
 mod http;
+mod redis;
 mod report;
 mod workload;
 
@@ -45,6 +46,10 @@ pub enum Workload {
 pub enum Protocol {
     Binary,
     Http,
+    /// Redis peer: last-write-wins upsert by a Lua script (EVALSHA); reads are GET.
+    RedisLww,
+    /// Redis peer: plain SET, no last-write-wins (the ceiling); reads are GET.
+    RedisSet,
 }
 
 /// Load generator for Playhead.
@@ -62,6 +67,9 @@ pub struct Args {
     /// The server's HTTP listener (HTTP workloads, reads, `--verify`).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
+    /// The Redis server of the `redis-*` protocols (comparison runs).
+    #[arg(long, default_value = "127.0.0.1:6379")]
+    pub redis_addr: SocketAddr,
     /// The binary protocol's shared secret.
     #[arg(long, env = "PLAYHEAD_BINARY__SECRET", default_value = playhead::config::BINARY_DEV_SECRET)]
     pub secret: String,

@@ -67,7 +67,13 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let window = Window::new(args.warmup(), args.duration());
     let progress = progress_bar(&args, Arc::clone(&live), window);
 
+    if args.verify && matches!(args.protocol, Protocol::RedisLww | Protocol::RedisSet) {
+        bail!("--verify reads back through Playhead's HTTP API; it does not apply to the redis protocols");
+    }
     let outcome = match (args.workload, args.protocol) {
+        (_, Protocol::RedisLww | Protocol::RedisSet) => {
+            crate::redis::run(&args, &titles, &live, window).await?
+        }
         (Workload::Max, Protocol::Binary) => binary::run_max(&args, &titles, &live, window).await?,
         (Workload::Fleet, Protocol::Binary) => {
             binary::run_fleet(&args, &titles, &live, window).await?

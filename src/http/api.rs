@@ -149,6 +149,10 @@ fn parse_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Progr
             ApiError::new(status, "bad_body", rejection.body_text())
         }
     })?;
+    // The fast path parses directly; only a failure is parsed again to name the field.
+    if let Ok(body) = serde_json::from_slice(&bytes) {
+        return Ok(body);
+    }
     let de = &mut serde_json::Deserializer::from_slice(&bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
