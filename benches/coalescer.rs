@@ -54,6 +54,17 @@ fn upsert(c: &mut Criterion) {
         })
     });
 
+    // The ingest path's form: batches of 1024, one lock per shard per batch.
+    group.bench_function("1_thread_1M_keys_batches_of_1024", |b| {
+        b.iter(|| {
+            let batch = &batches[round % batches.len()];
+            round += 1;
+            for chunk in batch.chunks(1024) {
+                black_box(coalescer.upsert_batch(chunk).unwrap());
+            }
+        })
+    });
+
     let shared = Arc::new(Coalescer::new(64, 4 * KEYS as usize));
     let halves: Arc<Vec<Vec<Record>>> = Arc::new(batches);
     group.bench_function("2_threads_1M_keys", |b| {

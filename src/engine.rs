@@ -266,17 +266,10 @@ impl Engine {
     pub fn submit(&self, records: &[Record]) -> Result<PendingWrite, WriteError> {
         let shared = &self.shared;
         shared.stats.write_calls.fetch_add(1, Ordering::Relaxed);
-        let mut receipt = WriteReceipt::default();
-        for r in records {
-            match shared.coalescer.upsert(r) {
-                Ok(crate::coalescer::Upsert::Stale) => receipt.stale += 1,
-                Ok(_) => receipt.applied += 1,
-                Err(e) => {
-                    shared.stats.write_refused.fetch_add(1, Ordering::Relaxed);
-                    return Err(e.into());
-                }
-            }
-        }
+        let (applied, stale) = shared.coalescer.upsert_batch(records).inspect_err(|_| {
+            shared.stats.write_refused.fetch_add(1, Ordering::Relaxed);
+        })?;
+        let receipt = WriteReceipt { applied, stale };
         // Stale records are logged too: the newer value that made them stale may not be in
         // the log yet, and this caller's acknowledgement must not depend on another's.
         let lsn = shared.wal.append(records).inspect_err(|_| {

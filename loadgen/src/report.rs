@@ -201,7 +201,13 @@ impl Report {
             self.machine_cores,
             self.measured_secs,
             a.warmup_secs,
-            if a.rate > 0.0 { format!(", open loop at {:.0}/s", a.rate) } else { ", closed loop".into() },
+            if a.workload == crate::Workload::Fleet {
+                format!(", open loop: {} viewers every {} s", a.viewers, a.heartbeat_secs)
+            } else if a.rate > 0.0 {
+                format!(", open loop at {:.0}/s", a.rate)
+            } else {
+                ", closed loop".into()
+            },
         );
         println!("  {:<28} {:>14}", "acknowledged", self.acked);
         println!(
