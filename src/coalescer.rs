@@ -9,22 +9,21 @@
 //! flush) and releases `frozen` only after the store's acknowledgement. A key that is in
 //! neither map is therefore either never written or already in the store.
 //!
-//! Napkin math: an entry is a 24-byte key plus a 16-byte value plus one control byte of the
-//! hash table = 41 bytes; with hashbrown's load factor between 44 % and 87 % that is 47–94
-//! bytes per live key (see BENCHMARKS.md for the measured figure).
+//! Napkin math: an entry is a 24-byte key plus a 16-byte value = 40 bytes, inline in an
+//! open-addressing table ([`crate::keymap`]) kept between 68 % and 85 % full: 47–59 bytes
+//! per live key, plus one occupancy bit per slot (BENCHMARKS.md has the measured figure).
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use crossbeam::utils::CachePadded;
-use hashbrown::hash_map::Entry;
 use parking_lot::Mutex;
 
 use crate::model::{Key, Record, Value};
 
 type Hasher = foldhash::fast::RandomState;
 /// One shard's map. Public so a flush can iterate the frozen maps it was handed.
-pub type ShardMap = hashbrown::HashMap<Key, Value, Hasher>;
+pub type ShardMap = crate::keymap::KeyMap<Hasher>;
 
 /// Refusal to take a new key: the coalescer is at its configured bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -230,33 +229,33 @@ impl Coalescer {
         bounded: bool,
     ) -> Result<Upsert, Overloaded> {
         let held = shard.active.len() + shard.frozen_len();
-        let outcome = match shard.active.entry(record.key) {
-            Entry::Occupied(mut e) => {
-                if record.value.supersedes(e.get()) {
-                    *e.get_mut() = record.value;
-                    Upsert::Superseded
-                } else {
-                    Upsert::Stale
-                }
+        let outcome = if let Some(current) = shard.active.get_mut(&record.key) {
+            if record.value.supersedes(current) {
+                *current = record.value;
+                Upsert::Superseded
+            } else {
+                Upsert::Stale
             }
-            Entry::Vacant(e) => {
-                let flushing = shard.frozen.as_ref().and_then(|f| f.get(&record.key));
-                match flushing {
-                    Some(current) if !record.value.supersedes(current) => Upsert::Stale,
-                    _ => {
-                        if bounded && held >= self.max_keys_per_shard {
-                            shard.stats.overloaded += 1;
-                            return Err(Overloaded {
-                                max_keys: self.max_keys,
-                            });
-                        }
-                        let superseded = flushing.is_some();
-                        e.insert(record.value);
-                        if superseded {
-                            Upsert::Superseded
-                        } else {
-                            Upsert::Inserted
-                        }
+        } else {
+            let flushing = shard
+                .frozen
+                .as_ref()
+                .and_then(|f| f.get(&record.key))
+                .copied();
+            match flushing {
+                Some(current) if !record.value.supersedes(&current) => Upsert::Stale,
+                _ => {
+                    if bounded && held >= self.max_keys_per_shard {
+                        shard.stats.overloaded += 1;
+                        return Err(Overloaded {
+                            max_keys: self.max_keys,
+                        });
+                    }
+                    shard.active.insert_new(record.key, record.value);
+                    if flushing.is_some() {
+                        Upsert::Superseded
+                    } else {
+                        Upsert::Inserted
                     }
                 }
             }
@@ -357,15 +356,13 @@ impl Coalescer {
                 shard.frozen = None;
             }
             for (key, value) in map.iter() {
-                match shard.active.entry(*key) {
-                    Entry::Occupied(mut e) => {
-                        if value.supersedes(e.get()) {
-                            *e.get_mut() = *value;
+                match shard.active.get_mut(key) {
+                    Some(current) => {
+                        if value.supersedes(current) {
+                            *current = *value;
                         }
                     }
-                    Entry::Vacant(e) => {
-                        e.insert(*value);
-                    }
+                    None => shard.active.insert_new(*key, *value),
                 }
             }
         }
@@ -418,37 +415,20 @@ impl Coalescer {
         self.len() == 0
     }
 
-    /// Bytes the hash tables have allocated (buckets × (entry + control byte)), for the
-    /// memory-per-key figure.
+    /// Bytes the tables have allocated (active and frozen), for the memory-per-key figure.
     pub fn allocated_bytes(&self) -> usize {
-        const PER_BUCKET: usize = std::mem::size_of::<(Key, Value)>() + 1;
         self.shards
             .iter()
             .map(|shard| {
                 let shard = shard.lock();
-                let frozen = shard.frozen.as_ref().map_or(0, |f| f.capacity());
-                (bucket_count(shard.active.capacity()) + bucket_count(frozen)) * PER_BUCKET
+                shard.active.allocated_bytes()
+                    + shard.frozen.as_ref().map_or(0, |f| f.allocated_bytes())
             })
             .sum()
     }
 
     pub fn max_keys(&self) -> usize {
         self.max_keys
-    }
-}
-
-/// hashbrown's bucket count for a given capacity (7/8 load factor, power of two).
-fn bucket_count(capacity: usize) -> usize {
-    if capacity == 0 {
-        0
-    } else if capacity < 8 {
-        if capacity < 4 {
-            4
-        } else {
-            8
-        }
-    } else {
-        (capacity * 8 / 7).next_power_of_two()
     }
 }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod engine;
 pub mod flusher;
 pub mod http;
+pub mod keymap;
 pub mod metrics;
 pub mod model;
 pub mod protocol;
