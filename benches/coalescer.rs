@@ -54,7 +54,7 @@ fn upsert(c: &mut Criterion) {
         })
     });
 
-    // The ingest path's form: batches of 1024, one lock per shard per batch.
+    // The ingest path's form: batches of 1024.
     group.bench_function("1_thread_1M_keys_batches_of_1024", |b| {
         b.iter(|| {
             let batch = &batches[round % batches.len()];

@@ -169,48 +169,19 @@ impl Coalescer {
         });
     }
 
-    /// Upserts a batch, taking each shard's lock once for all of the batch's records in it
-    /// (records are grouped by shard with a counting sort first). Returns (applied, stale)
-    /// counts. On [`Overloaded`] the records before the refused one stay applied — the
-    /// caller does not acknowledge the batch, and a retry is idempotent.
+    /// Upserts a batch record by record. Returns (applied, stale) counts. On
+    /// [`Overloaded`] the records before the refused one stay applied — the caller does not
+    /// acknowledge the batch, and a retry is idempotent.
+    ///
+    /// Grouping a batch by shard to take each lock once was measured slower on one thread
+    /// (5.2 M vs 6.5 M upserts/s, benches/coalescer.rs): the extra hashing and the scattered
+    /// second pass cost more than uncontended locks.
     pub fn upsert_batch(&self, records: &[Record]) -> Result<(usize, usize), Overloaded> {
         let (mut applied, mut stale) = (0, 0);
-        let mut count = |outcome| match outcome {
-            Upsert::Stale => stale += 1,
-            _ => applied += 1,
-        };
-        if records.len() < 64 {
-            for r in records {
-                count(self.upsert(r)?);
-            }
-            return Ok((applied, stale));
-        }
-        let shards = self.shards.len();
-        let index: Vec<u32> = records
-            .iter()
-            .map(|r| self.shard_index(&r.key) as u32)
-            .collect();
-        let mut starts = vec![0u32; shards + 1];
-        for &i in &index {
-            starts[i as usize + 1] += 1;
-        }
-        for s in 0..shards {
-            starts[s + 1] += starts[s];
-        }
-        let mut order = vec![0u32; records.len()];
-        let mut next = starts.clone();
-        for (r, &i) in index.iter().enumerate() {
-            order[next[i as usize] as usize] = r as u32;
-            next[i as usize] += 1;
-        }
-        for s in 0..shards {
-            let (from, to) = (starts[s] as usize, starts[s + 1] as usize);
-            if from == to {
-                continue;
-            }
-            let mut guard = self.shards[s].lock();
-            for &r in &order[from..to] {
-                count(self.apply(&mut guard, &records[r as usize], true)?);
+        for r in records {
+            match self.upsert(r)? {
+                Upsert::Stale => stale += 1,
+                _ => applied += 1,
             }
         }
         Ok((applied, stale))
