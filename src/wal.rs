@@ -558,8 +558,27 @@ fn replay_file(
         fs::rename(path, PathBuf::from(aside))?;
         return Ok(());
     }
+    if let Some(at) = scan_frames(&buf, FILE_HEADER_BYTES, &name.to_string(), report, apply) {
+        let file = OpenOptions::new().write(true).open(path)?;
+        file.set_len(at as u64)?;
+        file.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Decodes the frames of a commit-log file's bytes from offset `from` (past the file
+/// header) into `apply`: damaged regions followed by intact frames are skipped and
+/// reported; returns the offset of a damaged tail to truncate at, if any. Pure (no I/O),
+/// so replay's parsing is fuzzable (`fuzz/fuzz_targets/wal_frames.rs`).
+pub fn scan_frames(
+    buf: &[u8],
+    from: usize,
+    name: &str,
+    report: &mut ReplayReport,
+    apply: &mut impl FnMut(&[Record]),
+) -> Option<usize> {
     let mut records = Vec::with_capacity(MAX_RECORDS_PER_FRAME);
-    let mut at = FILE_HEADER_BYTES;
+    let mut at = from;
     while at < buf.len() {
         match decode_frame(&buf, at) {
             Frame::Ok { payload, next } => {
@@ -594,15 +613,12 @@ fn replay_file(
                     tracing::warn!("{msg}");
                     report.problems.push(msg);
                     report.truncated_bytes += cut as u64;
-                    let file = OpenOptions::new().write(true).open(path)?;
-                    file.set_len(at as u64)?;
-                    file.sync_all()?;
-                    break;
+                    return Some(at);
                 }
             },
         }
     }
-    Ok(())
+    None
 }
 
 struct SegmentFile {
@@ -782,6 +798,10 @@ impl Writer {
                     // it may not be durable, so it goes into a fresh file).
                     let mut st = self.shared.state.lock();
                     let start = if i >= chunks.len() { 0 } else { i };
+                    // Chunks before `start` were written (and, on the move to a new segment,
+                    // fsynced): they leave the buffer, so they leave its byte count too.
+                    let written: usize = chunks[..start].iter().map(|c| c.bytes.len()).sum();
+                    st.pending_bytes -= written;
                     for chunk in chunks.into_iter().skip(start).rev() {
                         st.queue.push_front(chunk);
                     }
