@@ -771,38 +771,34 @@ impl Writer {
                 (st.queue.drain(..).collect::<Vec<_>>(), st.closed)
             };
             retry_pending = false;
-            let mut done = Vec::with_capacity(chunks.len());
-            let mut failed_at = None;
-            for (i, chunk) in chunks.iter().enumerate() {
+            let mut failed = None;
+            for chunk in &chunks {
                 if let Err(e) = self.write_chunk(chunk) {
-                    failed_at = Some((i, e));
+                    failed = Some(e);
                     break;
                 }
-                done.push(i);
             }
             let needs_sync = self.written_lsn > self.synced_lsn
                 && (group || closed || self.last_sync.elapsed() >= sync_interval);
-            if failed_at.is_none() && needs_sync {
+            if failed.is_none() && needs_sync {
                 if let Err(e) = self.sync() {
-                    failed_at = Some((chunks.len(), e));
+                    failed = Some(e);
                 }
             }
-            match failed_at {
+            match failed {
                 None => {
                     self.recover_if_failing();
                     self.recycle(chunks);
                 }
-                Some((i, e)) => {
+                Some(e) => {
                     self.on_error(e);
-                    // Requeue what was not written (and, after a failed fsync, everything:
-                    // it may not be durable, so it goes into a fresh file).
+                    // Requeue every chunk of this round, also those written before the
+                    // failure: they were not fsynced (the file is abandoned unsynced), and
+                    // `synced_lsn` will pass their LSNs once the rewrite is synced, so a
+                    // late group-commit waiter would be acknowledged for them. A chunk that
+                    // reached the old file as well is replayed twice: harmless (LWW).
                     let mut st = self.shared.state.lock();
-                    let start = if i >= chunks.len() { 0 } else { i };
-                    // Chunks before `start` were written (and, on the move to a new segment,
-                    // fsynced): they leave the buffer, so they leave its byte count too.
-                    let written: usize = chunks[..start].iter().map(|c| c.bytes.len()).sum();
-                    st.pending_bytes -= written;
-                    for chunk in chunks.into_iter().skip(start).rev() {
+                    for chunk in chunks.into_iter().rev() {
                         st.queue.push_front(chunk);
                     }
                     retry_pending = true;
