@@ -580,7 +580,7 @@ pub fn scan_frames(
     let mut records = Vec::with_capacity(MAX_RECORDS_PER_FRAME);
     let mut at = from;
     while at < buf.len() {
-        match decode_frame(&buf, at) {
+        match decode_frame(buf, at) {
             Frame::Ok { payload, next } => {
                 records.clear();
                 records.extend(
@@ -593,7 +593,7 @@ pub fn scan_frames(
                 report.frames += 1;
                 at = next;
             }
-            Frame::Truncated | Frame::Corrupt => match resync(&buf, at + 1) {
+            Frame::Truncated | Frame::Corrupt => match resync(buf, at + 1) {
                 Some(next) => {
                     let msg = format!(
                         "{name}: skipped {} damaged bytes at offset {at}; intact frames follow",
