@@ -208,10 +208,19 @@ impl Connection {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<(ErrorCode, String)> {
         let handshake = Duration::from_millis(self.config.handshake_timeout_ms);
-        match self.next_frame(handshake, shutdown).await {
-            Ok(()) => {}
-            Err(ReadEnd::Closed) => return None,
-            Err(ReadEnd::Violation(code, message)) => return Some((code, message)),
+        // The whole HELLO must arrive within the handshake deadline, not just its first
+        // bytes: else a client trickling a byte per `read_timeout_ms` would hold an
+        // unauthenticated connection (and a frame buffer) for as long as it likes.
+        match tokio::time::timeout(handshake, self.next_frame(handshake, shutdown)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(ReadEnd::Closed)) => return None,
+            Ok(Err(ReadEnd::Violation(code, message))) => return Some((code, message)),
+            Err(_) => {
+                return Some((
+                    ErrorCode::Timeout,
+                    format!("no complete HELLO within {} ms", handshake.as_millis()),
+                ))
+            }
         }
         if let Err(violation) = self.handshake(tx).await {
             return Some(violation);

@@ -43,6 +43,7 @@ pub struct Config {
     pub wal: WalConfig,
     pub flush: FlushConfig,
     pub store: StoreConfig,
+    pub faults: FaultsConfig,
 }
 
 /// Process-wide settings.
@@ -303,6 +304,16 @@ impl Default for FlushConfig {
             shutdown_timeout_ms: 30_000,
         }
     }
+}
+
+/// Fault injection for reliability tests of the real binary (tests/reliability.rs). Off
+/// unless a path is set; never set it in production.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultsConfig {
+    /// While a file exists at this absolute path, every store write fails (flushes and
+    /// purges are retried as in a real outage; reads still work). Empty: off.
+    pub store_write_fault_file: PathBuf,
 }
 
 /// Which store backs the coalescer.
@@ -633,6 +644,13 @@ impl Config {
             s.read_timeout_ms,
             (1..=60_000).contains(&s.read_timeout_ms),
             "between 1 and 60000",
+        )?;
+        let fault_file = &self.faults.store_write_fault_file;
+        check(
+            "faults.store_write_fault_file",
+            fault_file.display(),
+            fault_file.as_os_str().is_empty() || fault_file.is_absolute(),
+            "empty (off) or an absolute path",
         )?;
         Ok(())
     }

@@ -117,8 +117,10 @@ pub struct EngineStats {
     pub flush_cycles: AtomicU64,
     pub flush_batches: AtomicU64,
     pub flush_rows: AtomicU64,
-    pub flush_errors: AtomicU64,
-    pub flush_retries: AtomicU64,
+    /// Shared with in-flight store writes, which count each failure as it happens, so an
+    /// ongoing store outage shows in /metrics (not only once the cycle finally succeeds).
+    pub flush_errors: Arc<AtomicU64>,
+    pub flush_retries: Arc<AtomicU64>,
     pub flush_seconds: crate::metrics::Histogram,
     pub purged_rows: AtomicU64,
     pub purge_errors: AtomicU64,

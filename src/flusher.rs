@@ -11,7 +11,7 @@
 //! the active maps (memory bounded by live keys) and [`log_guard_loop`] keeps the log
 //! bounded with snapshots.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,7 +121,13 @@ async fn write_frozen(
             let store = Arc::clone(&shared.store);
             let backoff = Backoff::new(cfg.retry_initial_ms, cfg.retry_max_ms);
             let shutdown = shared.shutdown.subscribe();
-            in_flight.spawn(write_with_retry(store, batch, backoff, give, shutdown));
+            let failures = FailureCounters {
+                errors: Arc::clone(&shared.stats.flush_errors),
+                retries: Arc::clone(&shared.stats.flush_retries),
+            };
+            in_flight.spawn(write_with_retry(
+                store, batch, backoff, give, shutdown, failures,
+            ));
         }
         while in_flight.len() >= cfg.max_concurrency || (exhausted && !in_flight.is_empty()) {
             let joined = in_flight.join_next().await.expect("set is not empty");
@@ -139,13 +145,13 @@ async fn write_frozen(
     stats
         .flush_batches
         .fetch_add(report.batches as u64, Ordering::Relaxed);
-    stats
-        .flush_retries
-        .fetch_add(report.retries as u64, Ordering::Relaxed);
-    stats
-        .flush_errors
-        .fetch_add(report.retries as u64, Ordering::Relaxed);
     Ok(())
+}
+
+/// The engine's flush-failure counters, bumped by each store write as it fails.
+struct FailureCounters {
+    errors: Arc<AtomicU64>,
+    retries: Arc<AtomicU64>,
 }
 
 /// Writes one batch, retrying until the store takes it; returns how many retries it took.
@@ -155,6 +161,7 @@ async fn write_with_retry(
     mut backoff: Backoff,
     give: Give,
     mut shutdown: watch::Receiver<bool>,
+    failures: FailureCounters,
 ) -> Result<usize, FlushError> {
     let mut retries = 0;
     loop {
@@ -162,6 +169,7 @@ async fn write_with_retry(
             Ok(()) => return Ok(retries),
             Err(e) => e,
         };
+        failures.errors.fetch_add(1, Ordering::Relaxed);
         let delay = backoff.next_delay();
         if retries == 0 || retries % 20 == 0 {
             tracing::warn!(
@@ -172,6 +180,7 @@ async fn write_with_retry(
             );
         }
         retries += 1;
+        failures.retries.fetch_add(1, Ordering::Relaxed);
         match give {
             Give::UpAt(deadline) => {
                 if tokio::time::Instant::now() + delay > deadline {

@@ -14,7 +14,7 @@ use playhead::catalog::Catalog;
 use playhead::config::{Config, StoreKind};
 use playhead::engine::Engine;
 use playhead::http::{self, AppState};
-use playhead::store::{EmbeddedStore, Store};
+use playhead::store::{EmbeddedStore, FaultyStore, Store};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -141,6 +141,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             )
         }
     };
+    let store = with_fault_injection(store, &config);
     let catalog = Catalog::load(&config.api.catalog_path)
         .with_context(|| format!("loading the catalog {}", config.api.catalog_path.display()))?;
     let verifier = Verifier::from_config(&config.auth).context("loading the auth keys")?;
@@ -207,6 +208,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "shutdown complete"
     );
     Ok(())
+}
+
+/// Wraps the store in a [`FaultyStore`] driven by `faults.store_write_fault_file`, when set
+/// (reliability tests only).
+fn with_fault_injection(store: Arc<dyn Store>, config: &Config) -> Arc<dyn Store> {
+    let path = &config.faults.store_write_fault_file;
+    if path.as_os_str().is_empty() {
+        return store;
+    }
+    tracing::warn!(path = %path.display(), "store fault injection is on: store writes fail while this file exists");
+    let faulty = FaultyStore::new(store);
+    playhead::store::faulty::watch_fault_file(faulty.switch(), path.clone());
+    Arc::new(faulty)
 }
 
 /// Warns when a listener is reachable from other machines while anyone who read our

@@ -558,10 +558,29 @@ fn replay_file(
         fs::rename(path, PathBuf::from(aside))?;
         return Ok(());
     }
+    if let Some(at) = scan_frames(&buf, FILE_HEADER_BYTES, &name.to_string(), report, apply) {
+        let file = OpenOptions::new().write(true).open(path)?;
+        file.set_len(at as u64)?;
+        file.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Decodes the frames of a commit-log file's bytes from offset `from` (past the file
+/// header) into `apply`: damaged regions followed by intact frames are skipped and
+/// reported; returns the offset of a damaged tail to truncate at, if any. Pure (no I/O),
+/// so replay's parsing is fuzzable (`fuzz/fuzz_targets/wal_frames.rs`).
+pub fn scan_frames(
+    buf: &[u8],
+    from: usize,
+    name: &str,
+    report: &mut ReplayReport,
+    apply: &mut impl FnMut(&[Record]),
+) -> Option<usize> {
     let mut records = Vec::with_capacity(MAX_RECORDS_PER_FRAME);
-    let mut at = FILE_HEADER_BYTES;
+    let mut at = from;
     while at < buf.len() {
-        match decode_frame(&buf, at) {
+        match decode_frame(buf, at) {
             Frame::Ok { payload, next } => {
                 records.clear();
                 records.extend(
@@ -574,7 +593,7 @@ fn replay_file(
                 report.frames += 1;
                 at = next;
             }
-            Frame::Truncated | Frame::Corrupt => match resync(&buf, at + 1) {
+            Frame::Truncated | Frame::Corrupt => match resync(buf, at + 1) {
                 Some(next) => {
                     let msg = format!(
                         "{name}: skipped {} damaged bytes at offset {at}; intact frames follow",
@@ -594,15 +613,12 @@ fn replay_file(
                     tracing::warn!("{msg}");
                     report.problems.push(msg);
                     report.truncated_bytes += cut as u64;
-                    let file = OpenOptions::new().write(true).open(path)?;
-                    file.set_len(at as u64)?;
-                    file.sync_all()?;
-                    break;
+                    return Some(at);
                 }
             },
         }
     }
-    Ok(())
+    None
 }
 
 struct SegmentFile {
@@ -755,34 +771,34 @@ impl Writer {
                 (st.queue.drain(..).collect::<Vec<_>>(), st.closed)
             };
             retry_pending = false;
-            let mut done = Vec::with_capacity(chunks.len());
-            let mut failed_at = None;
-            for (i, chunk) in chunks.iter().enumerate() {
+            let mut failed = None;
+            for chunk in &chunks {
                 if let Err(e) = self.write_chunk(chunk) {
-                    failed_at = Some((i, e));
+                    failed = Some(e);
                     break;
                 }
-                done.push(i);
             }
             let needs_sync = self.written_lsn > self.synced_lsn
                 && (group || closed || self.last_sync.elapsed() >= sync_interval);
-            if failed_at.is_none() && needs_sync {
+            if failed.is_none() && needs_sync {
                 if let Err(e) = self.sync() {
-                    failed_at = Some((chunks.len(), e));
+                    failed = Some(e);
                 }
             }
-            match failed_at {
+            match failed {
                 None => {
                     self.recover_if_failing();
                     self.recycle(chunks);
                 }
-                Some((i, e)) => {
+                Some(e) => {
                     self.on_error(e);
-                    // Requeue what was not written (and, after a failed fsync, everything:
-                    // it may not be durable, so it goes into a fresh file).
+                    // Requeue every chunk of this round, also those written before the
+                    // failure: they were not fsynced (the file is abandoned unsynced), and
+                    // `synced_lsn` will pass their LSNs once the rewrite is synced, so a
+                    // late group-commit waiter would be acknowledged for them. A chunk that
+                    // reached the old file as well is replayed twice: harmless (LWW).
                     let mut st = self.shared.state.lock();
-                    let start = if i >= chunks.len() { 0 } else { i };
-                    for chunk in chunks.into_iter().skip(start).rev() {
+                    for chunk in chunks.into_iter().rev() {
                         st.queue.push_front(chunk);
                     }
                     retry_pending = true;

@@ -4,6 +4,9 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+/// Longest error message sent; longer ones are cut.
+const MAX_MESSAGE_BYTES: usize = 512;
+
 /// The error code of a response, for the metrics layer (rejections by reason).
 #[derive(Clone, Copy, Debug)]
 pub struct ErrorCode(pub &'static str);
@@ -26,10 +29,21 @@ struct Body<'a> {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        // Messages may quote the client's input (serde names an unknown field): bound the
+        // echo, so an error never reflects a whole body back.
+        if message.len() > MAX_MESSAGE_BYTES {
+            let mut end = MAX_MESSAGE_BYTES;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push('…');
+        }
         Self {
             status,
             code,
-            message: message.into(),
+            message,
             retry_after_seconds: None,
         }
     }

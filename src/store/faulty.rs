@@ -1,6 +1,11 @@
 //! A store decorator that fails or slows down on command, for outage and degraded-read
 //! tests. It wraps a real store; with every fault off it is a transparent pass-through.
+//!
+//! The real binary uses it only when `faults.store_write_fault_file` is set: then
+//! [`watch_fault_file`] turns write failures on while that file exists, so a test can cause
+//! a store outage in a running `playhead serve` from outside the process.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,5 +128,54 @@ impl<S: Store> Store for FaultyStore<S> {
             return Err(StoreError::Unavailable("injected write failure".into()));
         }
         self.inner.purge_older_than(cutoff_ms).await
+    }
+}
+
+/// How often [`watch_fault_file`] looks for its file.
+const FAULT_FILE_POLL: Duration = Duration::from_millis(50);
+
+/// Makes `switch`'s store writes fail while a file exists at `path`, checking every 50 ms,
+/// until the process ends. Logs each change, so a test can tell the outage began.
+pub fn watch_fault_file(switch: Arc<FaultSwitch>, path: PathBuf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            let exists = tokio::fs::try_exists(&path).await.unwrap_or(false);
+            if exists != failing {
+                failing = exists;
+                switch.set_failing(failing, false);
+                tracing::warn!(path = %path.display(), failing, "store write fault injection changed");
+            }
+            tokio::time::sleep(FAULT_FILE_POLL).await;
+        }
+    })
+}
+
+/// Lets a [`FaultyStore`] wrap whichever store the configuration chose.
+#[async_trait]
+impl Store for Arc<dyn Store> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+
+    async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError> {
+        (**self).write_batch(records).await
+    }
+
+    async fn get(&self, key: Key) -> Result<Option<Value>, StoreError> {
+        (**self).get(key).await
+    }
+
+    async fn list_profile(
+        &self,
+        account_id: u64,
+        profile_id: u64,
+        limit: usize,
+    ) -> Result<Vec<TitleEntry>, StoreError> {
+        (**self).list_profile(account_id, profile_id, limit).await
+    }
+
+    async fn purge_older_than(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
+        (**self).purge_older_than(cutoff_ms).await
     }
 }
