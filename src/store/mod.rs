@@ -11,6 +11,7 @@ use async_trait::async_trait;
 
 use crate::model::{Key, Record, Value};
 
+pub mod breaker;
 pub mod embedded;
 pub mod faulty;
 
