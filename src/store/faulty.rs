@@ -124,4 +124,8 @@ impl<S: Store> Store for FaultyStore<S> {
         }
         self.inner.purge_older_than(cutoff_ms).await
     }
+
+    fn render_metrics(&self, out: &mut String) {
+        self.inner.render_metrics(out);
+    }
 }
