@@ -102,7 +102,7 @@ pub fn table_cql(keyspace: &str) -> String {
          \x20   versions set<blob>,\n\
          \x20   PRIMARY KEY ((account_id, profile_id), title_id)\n\
          ) WITH CLUSTERING ORDER BY (title_id ASC)\n\
-         \x20 AND compaction = {{'class': 'LeveledCompactionStrategy'}}\n\
+         \x20 AND compaction = {{'class': 'SizeTieredCompactionStrategy'}}\n\
          \x20 AND comment = 'Playhead resume positions; versions holds 16-byte big-endian (updated_at_ms, device_id, position_seconds), the largest wins; docs/cassandra.md'"
     )
 }
