@@ -286,6 +286,22 @@ pub struct CassandraMetrics {
     driver_retries: Arc<AtomicU64>,
 }
 
+/// One request counted in the in-flight gauge for as long as it lives.
+struct InFlight<'a>(&'a AtomicI64);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a AtomicI64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counts the driver's retry decisions. The ids it hands out only need to be unique.
 #[derive(Debug)]
 struct RetryCounter {
@@ -482,10 +498,12 @@ impl Inner {
             StoreError::Unavailable(format!("cassandra: {refused}"))
         })?;
         m.requests[op as usize].fetch_add(1, Ordering::Relaxed);
-        m.in_flight.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let result = run.await;
-        m.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let result = {
+            // Decrements on drop too: a read the engine stops waiting for is cancelled here.
+            let _in_flight = InFlight::enter(&m.in_flight);
+            run.await
+        };
         m.latency[op as usize].observe(started.elapsed());
         match result {
             Ok(value) => {
@@ -638,14 +656,14 @@ impl Store for CassandraStore {
     }
 
     fn render_metrics(&self, out: &mut String) {
-        self.inner.render_metrics(out);
+        render_metrics(&self.inner.metrics, &self.inner.breaker, out);
     }
 }
 
-impl Inner {
-    fn render_metrics(&self, out: &mut String) {
-        use metrics::{header, load, sample, single};
-        let m = &self.metrics;
+/// Appends the `playhead_cassandra_*` metrics (docs/cassandra.md) to `out`.
+fn render_metrics(m: &CassandraMetrics, breaker: &CircuitBreaker, out: &mut String) {
+    use metrics::{header, load, sample, single};
+    {
         for (name, help, counters) in [
             (
                 "playhead_cassandra_requests_total",
@@ -694,14 +712,14 @@ impl Inner {
             "playhead_cassandra_breaker_state",
             "gauge",
             "Circuit breaker: 0 closed, 1 open, 2 half-open.",
-            self.breaker.state().as_gauge(),
+            breaker.state().as_gauge(),
         );
         single(
             out,
             "playhead_cassandra_breaker_opened_total",
             "counter",
             "Times the circuit breaker opened.",
-            self.breaker.times_opened(),
+            breaker.times_opened(),
         );
         single(
             out,
@@ -884,6 +902,32 @@ mod tests {
         assert_eq!(seen, records.len());
         assert_eq!(group_by_partition(&records, 100).len(), 3);
         assert!(group_by_partition(&[], 4).is_empty());
+    }
+
+    #[test]
+    fn metrics_render_every_family_with_op_labels() {
+        let m = CassandraMetrics::default();
+        m.requests[Op::Get as usize].fetch_add(3, Ordering::Relaxed);
+        m.latency[Op::Write as usize].observe(Duration::from_millis(2));
+        {
+            let _one = InFlight::enter(&m.in_flight);
+            assert_eq!(m.in_flight.load(Ordering::Relaxed), 1);
+        }
+        let breaker = CircuitBreaker::new(1, Duration::from_secs(1));
+        let _ = breaker.admit(Instant::now()).unwrap(); // dropped: a failure, opens it
+        let mut out = String::new();
+        render_metrics(&m, &breaker, &mut out);
+        for line in [
+            "playhead_cassandra_requests_total{op=\"get\"} 3\n",
+            "playhead_cassandra_errors_total{op=\"list\"} 0\n",
+            "playhead_cassandra_in_flight_requests 0\n",
+            "playhead_cassandra_breaker_state 1\n",
+            "playhead_cassandra_breaker_opened_total 1\n",
+            "playhead_cassandra_request_duration_seconds_count{op=\"write\"} 1\n",
+            "# TYPE playhead_cassandra_driver_retries_total counter\n",
+        ] {
+            assert!(out.contains(line), "missing {line:?} in\n{out}");
+        }
     }
 
     #[test]
