@@ -663,84 +663,82 @@ impl Store for CassandraStore {
 /// Appends the `playhead_cassandra_*` metrics (docs/cassandra.md) to `out`.
 fn render_metrics(m: &CassandraMetrics, breaker: &CircuitBreaker, out: &mut String) {
     use metrics::{header, load, sample, single};
-    {
-        for (name, help, counters) in [
-            (
-                "playhead_cassandra_requests_total",
-                "Requests sent to the cluster, by operation.",
-                &m.requests,
-            ),
-            (
-                "playhead_cassandra_errors_total",
-                "Requests that failed (driver or server error, timeouts included), by operation.",
-                &m.errors,
-            ),
-            (
-                "playhead_cassandra_timeouts_total",
-                "Requests that hit store.cassandra.request_timeout_ms, by operation.",
-                &m.timeouts,
-            ),
-        ] {
-            header(out, name, "counter", help);
-            for (i, op) in OPS.iter().enumerate() {
-                sample(out, name, &format!("op=\"{op}\""), load(&counters[i]));
-            }
+    for (name, help, counters) in [
+        (
+            "playhead_cassandra_requests_total",
+            "Requests sent to the cluster, by operation.",
+            &m.requests,
+        ),
+        (
+            "playhead_cassandra_errors_total",
+            "Requests that failed (driver or server error, timeouts included), by operation.",
+            &m.errors,
+        ),
+        (
+            "playhead_cassandra_timeouts_total",
+            "Requests that hit store.cassandra.request_timeout_ms, by operation.",
+            &m.timeouts,
+        ),
+    ] {
+        header(out, name, "counter", help);
+        for (i, op) in OPS.iter().enumerate() {
+            sample(out, name, &format!("op=\"{op}\""), load(&counters[i]));
         }
-        single(
-            out,
-            "playhead_cassandra_driver_retries_total",
-            "counter",
-            "Attempts the driver's retry policy sent again.",
-            load(&m.driver_retries),
-        );
-        single(
-            out,
-            "playhead_cassandra_rows_written_total",
-            "counter",
-            "Rows acknowledged by the cluster.",
-            load(&m.rows_written),
-        );
-        single(
-            out,
-            "playhead_cassandra_in_flight_requests",
-            "gauge",
-            "Requests outstanding now.",
-            m.in_flight.load(Ordering::Relaxed).max(0),
-        );
-        single(
-            out,
-            "playhead_cassandra_breaker_state",
-            "gauge",
-            "Circuit breaker: 0 closed, 1 open, 2 half-open.",
-            breaker.state().as_gauge(),
-        );
-        single(
-            out,
-            "playhead_cassandra_breaker_opened_total",
-            "counter",
-            "Times the circuit breaker opened.",
-            breaker.times_opened(),
-        );
-        single(
-            out,
-            "playhead_cassandra_breaker_refused_total",
-            "counter",
-            "Requests refused by the open breaker without being sent.",
-            load(&m.breaker_refused),
-        );
-        header(
+    }
+    single(
+        out,
+        "playhead_cassandra_driver_retries_total",
+        "counter",
+        "Attempts the driver's retry policy sent again.",
+        load(&m.driver_retries),
+    );
+    single(
+        out,
+        "playhead_cassandra_rows_written_total",
+        "counter",
+        "Rows acknowledged by the cluster.",
+        load(&m.rows_written),
+    );
+    single(
+        out,
+        "playhead_cassandra_in_flight_requests",
+        "gauge",
+        "Requests outstanding now.",
+        m.in_flight.load(Ordering::Relaxed).max(0),
+    );
+    single(
+        out,
+        "playhead_cassandra_breaker_state",
+        "gauge",
+        "Circuit breaker: 0 closed, 1 open, 2 half-open.",
+        breaker.state().as_gauge(),
+    );
+    single(
+        out,
+        "playhead_cassandra_breaker_opened_total",
+        "counter",
+        "Times the circuit breaker opened.",
+        breaker.times_opened(),
+    );
+    single(
+        out,
+        "playhead_cassandra_breaker_refused_total",
+        "counter",
+        "Requests refused by the open breaker without being sent.",
+        load(&m.breaker_refused),
+    );
+    header(
+        out,
+        "playhead_cassandra_request_duration_seconds",
+        "histogram",
+        "Latency of requests to the cluster, by operation.",
+    );
+    for (i, op) in OPS.iter().enumerate() {
+        m.latency[i].render(
             out,
             "playhead_cassandra_request_duration_seconds",
-            "histogram",
-            "Latency of requests to the cluster, by operation.",
+            &format!("op=\"{op}\""),
         );
-        for (i, op) in OPS.iter().enumerate() {
-            m.latency[i].render(
-                out,
-                "playhead_cassandra_request_duration_seconds",
-                &format!("op=\"{op}\""),
-            );
-        }
     }
 }
 
