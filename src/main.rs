@@ -1,5 +1,6 @@
 //! The `playhead` binary: `playhead serve` runs the server; `playhead config` prints the
-//! effective configuration; `playhead token` mints a development JWT.
+//! effective configuration; `playhead token` mints a development JWT; `playhead schema`
+//! prints the Cassandra/ScyllaDB schema for a DBA.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +15,7 @@ use playhead::catalog::Catalog;
 use playhead::config::{Config, StoreKind};
 use playhead::engine::Engine;
 use playhead::http::{self, AppState};
-use playhead::store::{EmbeddedStore, FaultyStore, Store};
+use playhead::store::{cassandra, CassandraStore, EmbeddedStore, FaultyStore, Store};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -41,6 +42,12 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Print the CQL that creates the Cassandra/ScyllaDB keyspace and table for the
+    /// configured `[store.cassandra]` settings (keyspace, replication), for a DBA to apply.
+    Schema {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Print an HS256 bearer token for one profile, signed with the configured
     /// `auth.hs256_secret` (for development and load tests).
     Token {
@@ -58,8 +65,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Serve { config } | Command::Config { config } | Command::Token { config, .. }) =
-        &cli.command;
+    let (Command::Serve { config }
+    | Command::Config { config }
+    | Command::Schema { config }
+    | Command::Token { config, .. }) = &cli.command;
     let config = match Config::load_from_process(config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -78,6 +87,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Schema { .. } => {
+            print!("{}", cassandra::schema_cql(&config.store.cassandra));
+            ExitCode::SUCCESS
+        }
         Command::Token {
             account_id,
             profile_id,
@@ -140,6 +153,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     .with_context(|| format!("opening the embedded store in {}", dir.display()))?,
             )
         }
+        StoreKind::Cassandra => Arc::new(
+            CassandraStore::connect(&config)
+                .await
+                .context("connecting to the Cassandra/ScyllaDB cluster (store.cassandra)")?,
+        ),
     };
     let store = with_fault_injection(store, &config);
     let catalog = Catalog::load(&config.api.catalog_path)

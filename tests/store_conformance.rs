@@ -7,7 +7,8 @@ mod conformance;
 use std::sync::Arc;
 
 use conformance::Subject;
-use playhead::store::{EmbeddedStore, FaultyStore};
+use playhead::config::{Config, ReplicationStrategy, StoreKind};
+use playhead::store::{CassandraStore, EmbeddedStore, FaultyStore};
 
 async fn embedded() -> Option<Subject> {
     let dir = tempfile::tempdir().unwrap();
@@ -29,5 +30,41 @@ async fn faulty_embedded() -> Option<Subject> {
     })
 }
 
+/// A Cassandra or ScyllaDB node named by `PLAYHEAD_TEST_CASSANDRA=host:port`, with the
+/// keyspace `PLAYHEAD_TEST_CASSANDRA_KEYSPACE` (default `playhead_test`, created with
+/// SimpleStrategy 1 if missing) in datacenter `PLAYHEAD_TEST_CASSANDRA_DC` (default
+/// `datacenter1`). Every case uses fresh account ids, so runs share the keyspace. Rows
+/// expire by TTL, so the purge case only checks that recent rows stay.
+async fn cassandra() -> Option<Subject> {
+    let Ok(addr) = std::env::var("PLAYHEAD_TEST_CASSANDRA") else {
+        eprintln!(
+            "skipped: the Cassandra store runs the conformance suite only when \
+             PLAYHEAD_TEST_CASSANDRA=host:port names a Cassandra or ScyllaDB node"
+        );
+        return None;
+    };
+    let env_or = |name: &str, default: &str| std::env::var(name).unwrap_or(default.into());
+    let mut config = Config::default();
+    config.store.kind = StoreKind::Cassandra;
+    let c = &mut config.store.cassandra;
+    c.contact_points = vec![addr.clone()];
+    c.keyspace = env_or("PLAYHEAD_TEST_CASSANDRA_KEYSPACE", "playhead_test");
+    c.local_datacenter = env_or("PLAYHEAD_TEST_CASSANDRA_DC", "datacenter1");
+    c.replication = ReplicationStrategy::SimpleStrategy;
+    c.replication_factor = 1;
+    c.create_schema = true;
+    c.request_timeout_ms = 20_000;
+    config.validate().expect("test configuration is valid");
+    let store = CassandraStore::connect(&config)
+        .await
+        .unwrap_or_else(|e| panic!("PLAYHEAD_TEST_CASSANDRA={addr} is set but: {e}"));
+    Some(Subject {
+        store: Arc::new(store),
+        purges_rows: false,
+        _guard: Box::new(()),
+    })
+}
+
 conformance_suite!(embedded_store, embedded());
 conformance_suite!(faulty_store_passthrough, faulty_embedded());
+conformance_suite!(cassandra_store, cassandra());

@@ -476,6 +476,7 @@ pub fn render(state: &AppState) -> String {
         "Rows removed by the retention purge.",
         load(&e.purged_rows),
     );
+    shared.store.render_metrics(&mut out);
 
     let w = shared.wal.stats();
     single(

@@ -129,6 +129,10 @@ impl<S: Store> Store for FaultyStore<S> {
         }
         self.inner.purge_older_than(cutoff_ms).await
     }
+
+    fn render_metrics(&self, out: &mut String) {
+        self.inner.render_metrics(out);
+    }
 }
 
 /// How often [`watch_fault_file`] looks for its file.
@@ -177,5 +181,9 @@ impl Store for Arc<dyn Store> {
 
     async fn purge_older_than(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
         (**self).purge_older_than(cutoff_ms).await
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        (**self).render_metrics(out);
     }
 }

@@ -11,9 +11,12 @@ use async_trait::async_trait;
 
 use crate::model::{Key, Record, Value};
 
+pub mod breaker;
+pub mod cassandra;
 pub mod embedded;
 pub mod faulty;
 
+pub use cassandra::CassandraStore;
 pub use embedded::EmbeddedStore;
 pub use faulty::{FaultSwitch, FaultyStore};
 
@@ -74,4 +77,8 @@ pub trait Store: Send + Sync + 'static {
     /// Removes every value and tombstone last updated before `cutoff_ms` and returns how
     /// many rows it removed. Stores with native expiry (TTL) may return `Ok(0)`.
     async fn purge_older_than(&self, cutoff_ms: u64) -> Result<u64, StoreError>;
+
+    /// Appends the store's own metrics (Prometheus text format) to `out`; called by the
+    /// `/metrics` renderer. Stores without metrics of their own keep the default.
+    fn render_metrics(&self, _out: &mut String) {}
 }

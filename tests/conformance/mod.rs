@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use playhead::config::Config;
+use playhead::engine::Engine;
 use playhead::model::{Key, Record, Value};
 use playhead::store::Store;
 
@@ -317,6 +319,62 @@ pub async fn concurrent_writers_converge(s: Subject) {
     }
 }
 
+/// An engine (one Playhead node: its own commit log and coalescer) on the shared store.
+fn node(dir: &std::path::Path, store: Arc<dyn Store>) -> Engine {
+    let mut config = Config::default();
+    config.server.data_dir = dir.to_path_buf();
+    config.coalescer.shards = 4;
+    Engine::open(config, store).expect("opening an engine").0
+}
+
+/// Two Playhead nodes, each with its own commit log, flush the same keys to one store in
+/// the "wrong" order: the node holding the newer value flushes first, the one holding the
+/// older value (a slow node, a retried batch) flushes after it. The newest timestamp must
+/// win in the store — and on a tie in the millisecond, the larger device — and both nodes
+/// must read it.
+pub async fn two_engines_flush_in_the_wrong_order(s: Subject) {
+    let account = fresh_account();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = node(dir_a.path(), Arc::clone(&s.store));
+    let b = node(dir_b.path(), Arc::clone(&s.store));
+
+    let newer_later_ms = Key::new(account, 1, 1);
+    let tie_same_ms = Key::new(account, 1, 2);
+    let deleted = Key::new(account, 1, 3);
+    let newest = [
+        (newer_later_ms, Value::new(200, BASE_MS + 2_000, 2)),
+        (tie_same_ms, Value::new(5, BASE_MS + 3_000, 9)),
+        (deleted, Value::tombstone(BASE_MS + 5_000)),
+    ];
+    // Node B holds the newest versions, node A older ones of the same keys.
+    b.write(&newest.map(|(k, v)| Record::new(k, v)))
+        .await
+        .unwrap();
+    a.write(&[
+        rec(newer_later_ms, 100, BASE_MS + 1_000, 1),
+        rec(tie_same_ms, 300, BASE_MS + 3_000, 3),
+        rec(deleted, 7, BASE_MS + 4_000, 1),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(b.flush().await.unwrap().rows, 3);
+    assert_eq!(a.flush().await.unwrap().rows, 3);
+
+    for (key, value) in newest {
+        assert_eq!(s.store.get(key).await.unwrap(), Some(value), "{key:?}");
+        let shown = (!value.is_tombstone()).then_some(value);
+        assert_eq!(a.get(key).await.value, shown, "node A reads {key:?}");
+        assert_eq!(b.get(key).await.value, shown, "node B reads {key:?}");
+    }
+    let listed = s.store.list_profile(account, 1, 10).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|e| e.value).collect::<Vec<_>>(),
+        newest.map(|(_, v)| v).to_vec()
+    );
+    a.shutdown(None).await;
+    b.shutdown(None).await;
+}
+
 /// Expands to one test per case, each with a fresh [`Subject`] from `$make` (an async
 /// expression returning `Option<Subject>`; `None` skips, after the maker printed why).
 #[macro_export]
@@ -332,7 +390,8 @@ macro_rules! conformance_suite {
                 missing_reads_are_empty,
                 retention_purges_only_old_rows,
                 batch_sizes,
-                concurrent_writers_converge);
+                concurrent_writers_converge,
+                two_engines_flush_in_the_wrong_order);
         }
     };
     (@case $make:expr; $($case:ident),*) => {

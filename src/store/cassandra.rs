@@ -1,0 +1,946 @@
+//! The Cassandra / ScyllaDB store: the scale-out path (docs/cassandra.md), on the `scylla`
+//! driver.
+//!
+//! Table (one per keyspace; [`table_cql`]):
+//! ```text
+//! positions ((account_id bigint, profile_id bigint), title_id varint, versions set<blob>)
+//! ```
+//! One partition per profile, so continue-watching is one partition read; `title_id` is a
+//! `varint` so the clustering order is the unsigned order of our u64 title ids.
+//!
+//! ## Last-write-wins without read-before-write
+//! Every write is `UPDATE … USING TIMESTAMP <updated_at_ms × 1000> AND TTL <ttl> SET
+//! versions = {<v>}` where `<v>` is the 16-byte big-endian `(updated_at_ms, device_id,
+//! position_seconds)` — byte order equals [`Value::version`] order. Overwriting a set writes
+//! a collection tombstone at `timestamp − 1` plus the one element at `timestamp`. So after
+//! any writes in any order, the set holds exactly the elements whose timestamp is the
+//! largest written (older ones are shadowed by that tombstone) — that is, every version
+//! written in the newest millisecond — and reads take the largest element. The answer is
+//! our order, exactly, whatever the arrival order and whatever the server's rule for cells
+//! of equal timestamp (which, for cells with a TTL, compares expiry before value and so
+//! would follow arrival time). Deletes are the same write with a tombstone value.
+//!
+//! ## Write path
+//! A batch is grouped by partition; a partition's rows go out as one UNLOGGED batch of up
+//! to `max_batch_rows` (a single row as a plain statement), and partitions are written
+//! concurrently, token-aware (the driver routes each request to a replica of its
+//! partition), at most `max_in_flight` requests at once for the whole store.
+//!
+//! ## Failure
+//! Every request passes a [`CircuitBreaker`]: when the cluster keeps failing, requests fail
+//! at once (reads degrade, flushes keep their data in memory and the commit log and retry)
+//! and one probe at a time checks for recovery.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::stream::{self, TryStreamExt};
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::errors::{ExecutionError, RequestAttemptError, RequestError};
+use scylla::observability::history::{AttemptId, HistoryListener, RequestId, SpeculativeId};
+use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::policies::retry::RetryDecision;
+use scylla::statement::batch::{Batch, BatchStatement, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::Consistency;
+use scylla::value::CqlVarint;
+use tokio::sync::Semaphore;
+
+use super::breaker::{BreakerState, CircuitBreaker};
+use super::{Store, StoreError, TitleEntry};
+use crate::config::{CassandraStoreConfig, Config, ConsistencyLevel, ReplicationStrategy};
+use crate::metrics::{self, Histogram};
+use crate::model::{Key, Record, Value};
+
+/// The table every statement names.
+pub const TABLE: &str = "positions";
+
+/// Bytes of one element of `versions`.
+pub const VERSION_BYTES: usize = 16;
+
+// ---------------------------------------------------------------------------------------
+// Schema and statements: plain functions of the configuration, unit-tested as text.
+// ---------------------------------------------------------------------------------------
+
+/// `CREATE KEYSPACE IF NOT EXISTS …` for the configured replication.
+pub fn keyspace_cql(c: &CassandraStoreConfig) -> String {
+    let replication = match c.replication {
+        ReplicationStrategy::SimpleStrategy => format!(
+            "{{'class': 'SimpleStrategy', 'replication_factor': {}}}",
+            c.replication_factor
+        ),
+        ReplicationStrategy::NetworkTopologyStrategy => {
+            let mut s = String::from("{'class': 'NetworkTopologyStrategy'");
+            if c.datacenter_replication.is_empty() {
+                let _ = write!(s, ", '{}': {}", c.local_datacenter, c.replication_factor);
+            }
+            for (dc, factor) in &c.datacenter_replication {
+                let _ = write!(s, ", '{dc}': {factor}");
+            }
+            s.push('}');
+            s
+        }
+    };
+    format!(
+        "CREATE KEYSPACE IF NOT EXISTS {} WITH replication = {replication} AND durable_writes = true",
+        c.keyspace
+    )
+}
+
+/// `CREATE TABLE IF NOT EXISTS <keyspace>.positions …`.
+pub fn table_cql(keyspace: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {keyspace}.{TABLE} (\n\
+         \x20   account_id bigint,\n\
+         \x20   profile_id bigint,\n\
+         \x20   title_id varint,\n\
+         \x20   versions set<blob>,\n\
+         \x20   PRIMARY KEY ((account_id, profile_id), title_id)\n\
+         ) WITH CLUSTERING ORDER BY (title_id ASC)\n\
+         \x20 AND compaction = {{'class': 'SizeTieredCompactionStrategy'}}\n\
+         \x20 AND comment = 'Playhead resume positions; versions holds 16-byte big-endian (updated_at_ms, device_id, position_seconds), the largest wins; docs/cassandra.md'"
+    )
+}
+
+/// The schema a DBA applies (what `playhead schema` prints).
+pub fn schema_cql(c: &CassandraStoreConfig) -> String {
+    format!("{};\n\n{};\n", keyspace_cql(c), table_cql(&c.keyspace))
+}
+
+/// The upsert: bind order timestamp, ttl, versions, account_id, profile_id, title_id.
+pub fn upsert_cql(keyspace: &str) -> String {
+    format!(
+        "UPDATE {keyspace}.{TABLE} USING TIMESTAMP ? AND TTL ? SET versions = ? \
+         WHERE account_id = ? AND profile_id = ? AND title_id = ?"
+    )
+}
+
+/// One key's versions.
+pub fn get_cql(keyspace: &str) -> String {
+    format!(
+        "SELECT versions FROM {keyspace}.{TABLE} \
+         WHERE account_id = ? AND profile_id = ? AND title_id = ?"
+    )
+}
+
+/// One profile's titles in title order, up to a limit.
+pub fn list_cql(keyspace: &str) -> String {
+    format!(
+        "SELECT title_id, versions FROM {keyspace}.{TABLE} \
+         WHERE account_id = ? AND profile_id = ? LIMIT ?"
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Conversions.
+// ---------------------------------------------------------------------------------------
+
+/// The write timestamp of `value`: `updated_at` in microseconds. Order-preserving (never
+/// decreasing in [`Value::version`]), which is all the set-overwrite scheme needs; values of
+/// the same millisecond share it and are told apart by the element bytes.
+pub fn write_timestamp_micros(value: &Value) -> i64 {
+    i64::try_from(value.updated_at_ms)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1_000)
+}
+
+/// The TTL bound into each write, clamped to what CQL's `int` and Cassandra accept.
+pub fn ttl_for_cql(ttl_seconds: u64) -> i32 {
+    ttl_seconds.clamp(1, crate::config::MAX_CASSANDRA_TTL_SECONDS) as i32
+}
+
+/// Big-endian `(updated_at_ms, device_id, position_seconds)`: unsigned byte order equals
+/// [`Value::version`] order, so the largest element of a set is the newest version.
+pub fn encode_version(value: &Value) -> [u8; VERSION_BYTES] {
+    let mut out = [0u8; VERSION_BYTES];
+    out[0..8].copy_from_slice(&value.updated_at_ms.to_be_bytes());
+    out[8..12].copy_from_slice(&value.device_id.to_be_bytes());
+    out[12..16].copy_from_slice(&value.position_seconds.to_be_bytes());
+    out
+}
+
+/// Inverse of [`encode_version`]; `None` when `bytes` has the wrong length.
+pub fn decode_version(bytes: &[u8]) -> Option<Value> {
+    let bytes: &[u8; VERSION_BYTES] = bytes.try_into().ok()?;
+    Some(Value::new(
+        u32::from_be_bytes(bytes[12..16].try_into().ok()?),
+        u64::from_be_bytes(bytes[0..8].try_into().ok()?),
+        u32::from_be_bytes(bytes[8..12].try_into().ok()?),
+    ))
+}
+
+/// The newest of a row's versions. Malformed elements are skipped (and counted in the
+/// error), so one bad element cannot hide a good one.
+pub fn newest_version<'a>(
+    elements: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Option<Value>, String> {
+    let mut newest: Option<Value> = None;
+    let mut malformed = 0usize;
+    for e in elements {
+        match decode_version(e) {
+            Some(v) if newest.is_none_or(|n| v.supersedes(&n)) => newest = Some(v),
+            Some(_) => {}
+            None => malformed += 1,
+        }
+    }
+    match (newest, malformed) {
+        (None, n) if n > 0 => Err(format!(
+            "{n} element(s) of `versions`, none of {VERSION_BYTES} bytes"
+        )),
+        (newest, _) => Ok(newest),
+    }
+}
+
+/// A u64 id as the bigint column holds it: the same 64 bits, two's complement.
+pub fn id_to_bigint(id: u64) -> i64 {
+    id as i64
+}
+
+/// A u64 as a minimal CQL varint (two's complement big-endian, non-negative).
+pub fn u64_to_varint(id: u64) -> CqlVarint {
+    let bytes = id.to_be_bytes();
+    let first = bytes.iter().position(|&b| b != 0).unwrap_or(7);
+    let mut out = Vec::with_capacity(9);
+    if bytes[first] & 0x80 != 0 {
+        out.push(0);
+    }
+    out.extend_from_slice(&bytes[first..]);
+    CqlVarint::from_signed_bytes_be(out)
+}
+
+/// Inverse of [`u64_to_varint`]; `None` for negative or too-large values.
+pub fn varint_to_u64(v: &CqlVarint) -> Option<u64> {
+    let bytes = v.as_signed_bytes_be_slice();
+    if bytes.first().is_some_and(|b| b & 0x80 != 0) {
+        return None;
+    }
+    let significant = &bytes[bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len())..];
+    if significant.len() > 8 {
+        return None;
+    }
+    let mut buf = [0u8; 8];
+    buf[8 - significant.len()..].copy_from_slice(significant);
+    Some(u64::from_be_bytes(buf))
+}
+
+fn consistency(level: ConsistencyLevel) -> Consistency {
+    match level {
+        ConsistencyLevel::Any => Consistency::Any,
+        ConsistencyLevel::One => Consistency::One,
+        ConsistencyLevel::Two => Consistency::Two,
+        ConsistencyLevel::Three => Consistency::Three,
+        ConsistencyLevel::Quorum => Consistency::Quorum,
+        ConsistencyLevel::All => Consistency::All,
+        ConsistencyLevel::LocalQuorum => Consistency::LocalQuorum,
+        ConsistencyLevel::EachQuorum => Consistency::EachQuorum,
+        ConsistencyLevel::LocalOne => Consistency::LocalOne,
+    }
+}
+
+/// Splits `records` into per-partition groups of at most `max_rows`, each group sorted by
+/// title. Every record lands in exactly one group; no group mixes two profiles.
+pub fn group_by_partition(records: &[Record], max_rows: usize) -> Vec<Vec<Record>> {
+    assert!(max_rows >= 1);
+    let mut sorted = records.to_vec();
+    sorted.sort_unstable_by_key(|r| r.key);
+    let mut groups = Vec::new();
+    for partition in sorted.chunk_by(|a, b| {
+        (a.key.account_id, a.key.profile_id) == (b.key.account_id, b.key.profile_id)
+    }) {
+        groups.extend(partition.chunks(max_rows).map(<[Record]>::to_vec));
+    }
+    groups
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics.
+// ---------------------------------------------------------------------------------------
+
+/// Request kinds, the `op` label of the metrics.
+const OPS: [&str; 3] = ["write", "get", "list"];
+
+#[derive(Clone, Copy)]
+enum Op {
+    Write = 0,
+    Get = 1,
+    List = 2,
+}
+
+/// Counters of the store, rendered at `/metrics` as `playhead_cassandra_*`.
+#[derive(Debug, Default)]
+pub struct CassandraMetrics {
+    requests: [AtomicU64; 3],
+    errors: [AtomicU64; 3],
+    timeouts: [AtomicU64; 3],
+    rows_written: AtomicU64,
+    /// Requests refused by the open breaker without being sent.
+    breaker_refused: AtomicU64,
+    in_flight: AtomicI64,
+    latency: [Histogram; 3],
+    /// Attempts the driver retried (its retry policy), counted by the history listener.
+    driver_retries: Arc<AtomicU64>,
+}
+
+/// One request counted in the in-flight gauge for as long as it lives.
+struct InFlight<'a>(&'a AtomicI64);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a AtomicI64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts the driver's retry decisions. The ids it hands out only need to be unique.
+#[derive(Debug)]
+struct RetryCounter {
+    retries: Arc<AtomicU64>,
+    next_id: AtomicU64,
+}
+
+impl RetryCounter {
+    fn id(&self) -> usize {
+        self.next_id.fetch_add(1, Ordering::Relaxed) as usize
+    }
+}
+
+impl HistoryListener for RetryCounter {
+    fn log_request_start(&self) -> RequestId {
+        RequestId(self.id())
+    }
+    fn log_request_success(&self, _: RequestId) {}
+    fn log_request_error(&self, _: RequestId, _: &RequestError) {}
+    fn log_new_speculative_fiber(&self, _: RequestId) -> SpeculativeId {
+        SpeculativeId(self.id())
+    }
+    fn log_attempt_start(
+        &self,
+        _: RequestId,
+        _: Option<SpeculativeId>,
+        _: std::net::SocketAddr,
+    ) -> AttemptId {
+        AttemptId(self.id())
+    }
+    fn log_attempt_success(&self, _: AttemptId) {}
+    fn log_attempt_error(&self, _: AttemptId, _: &RequestAttemptError, decision: &RetryDecision) {
+        if matches!(
+            decision,
+            RetryDecision::RetrySameTarget(_) | RetryDecision::RetryNextTarget(_)
+        ) {
+            self.retries.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The store.
+// ---------------------------------------------------------------------------------------
+
+/// Cheap-to-clone handle on one driver session and its prepared statements.
+#[derive(Clone)]
+pub struct CassandraStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    session: Session,
+    upsert: PreparedStatement,
+    get: PreparedStatement,
+    list: PreparedStatement,
+    write_consistency: Consistency,
+    ttl: i32,
+    max_batch_rows: usize,
+    max_in_flight: usize,
+    /// Bounds requests outstanding across every concurrent caller (flush tasks, reads).
+    in_flight: Semaphore,
+    breaker: CircuitBreaker,
+    metrics: CassandraMetrics,
+    history: Arc<RetryCounter>,
+}
+
+fn unavailable(context: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("cassandra: {context}: {e}"))
+}
+
+impl CassandraStore {
+    /// Connects to the cluster, creates the schema when `store.cassandra.create_schema` is
+    /// set, and prepares the statements. Fails when no contact point answers or the table
+    /// does not exist (run `playhead schema` and apply it, or set create_schema).
+    pub async fn connect(config: &Config) -> Result<Self, StoreError> {
+        let c = &config.store.cassandra;
+        let policy = DefaultPolicy::builder()
+            .prefer_datacenter(c.local_datacenter.clone())
+            .token_aware(true)
+            .permit_dc_failover(false)
+            .build();
+        let profile = ExecutionProfile::builder()
+            .consistency(consistency(c.read_consistency))
+            .request_timeout(Some(Duration::from_millis(c.request_timeout_ms)))
+            .load_balancing_policy(policy)
+            .build();
+        let mut builder = SessionBuilder::new()
+            .known_nodes(&c.contact_points)
+            .connection_timeout(Duration::from_millis(c.connect_timeout_ms))
+            .default_execution_profile_handle(profile.into_handle());
+        if !c.username.is_empty() {
+            builder = builder.user(&c.username, &c.password);
+        }
+        let session = builder.build().await.map_err(|e| {
+            unavailable(&format!("connecting to {}", c.contact_points.join(", ")), e)
+        })?;
+        if c.create_schema {
+            for statement in [keyspace_cql(c), table_cql(&c.keyspace)] {
+                session
+                    .query_unpaged(statement.as_str(), ())
+                    .await
+                    .map_err(|e| unavailable("creating the schema", e))?;
+            }
+            session
+                .await_schema_agreement()
+                .await
+                .map_err(|e| unavailable("waiting for schema agreement", e))?;
+        }
+        let metrics = CassandraMetrics::default();
+        let history = Arc::new(RetryCounter {
+            retries: Arc::clone(&metrics.driver_retries),
+            next_id: AtomicU64::new(0),
+        });
+        let prepare = |cql: String, level: ConsistencyLevel| {
+            let session = &session;
+            let history = Arc::clone(&history);
+            async move {
+                let mut statement = session.prepare(cql.as_str()).await.map_err(|e| {
+                    unavailable(
+                        &format!(
+                            "preparing `{cql}` (is the schema applied? see `playhead schema`)"
+                        ),
+                        e,
+                    )
+                })?;
+                statement.set_consistency(consistency(level));
+                // Every statement is idempotent: a write carries its own timestamp, so
+                // the driver may retry it (and a replay changes nothing).
+                statement.set_is_idempotent(true);
+                statement.set_history_listener(history);
+                Ok::<_, StoreError>(statement)
+            }
+        };
+        let upsert = prepare(upsert_cql(&c.keyspace), c.write_consistency).await?;
+        let get = prepare(get_cql(&c.keyspace), c.read_consistency).await?;
+        let list = prepare(list_cql(&c.keyspace), c.read_consistency).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                session,
+                upsert,
+                get,
+                list,
+                write_consistency: consistency(c.write_consistency),
+                ttl: ttl_for_cql(config.cassandra_ttl_seconds()),
+                max_batch_rows: c.max_batch_rows,
+                max_in_flight: c.max_in_flight,
+                in_flight: Semaphore::new(c.max_in_flight),
+                breaker: CircuitBreaker::new(
+                    c.breaker_failure_threshold,
+                    Duration::from_millis(c.breaker_open_ms),
+                ),
+                metrics,
+                history,
+            }),
+        })
+    }
+
+    /// The breaker's current state.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.inner.breaker.state()
+    }
+}
+
+/// The values of one upsert, in [`upsert_cql`]'s bind order.
+type UpsertRow = (i64, i32, Vec<Vec<u8>>, i64, i64, CqlVarint);
+
+impl Inner {
+    fn upsert_row(&self, r: &Record) -> UpsertRow {
+        (
+            write_timestamp_micros(&r.value),
+            self.ttl,
+            vec![encode_version(&r.value).to_vec()],
+            id_to_bigint(r.key.account_id),
+            id_to_bigint(r.key.profile_id),
+            u64_to_varint(r.key.title_id),
+        )
+    }
+
+    /// Runs one request through the in-flight bound, the breaker and the metrics.
+    async fn request<T>(
+        &self,
+        op: Op,
+        run: impl std::future::Future<Output = Result<T, ExecutionError>>,
+    ) -> Result<T, StoreError> {
+        let m = &self.metrics;
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|e| unavailable("in-flight limit", e))?;
+        let ticket = self.breaker.admit(Instant::now()).map_err(|refused| {
+            m.breaker_refused.fetch_add(1, Ordering::Relaxed);
+            StoreError::Unavailable(format!("cassandra: {refused}"))
+        })?;
+        m.requests[op as usize].fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = {
+            // Decrements on drop too: a read the engine stops waiting for is cancelled here.
+            let _in_flight = InFlight::enter(&m.in_flight);
+            run.await
+        };
+        m.latency[op as usize].observe(started.elapsed());
+        match result {
+            Ok(value) => {
+                ticket.success();
+                Ok(value)
+            }
+            Err(e) => {
+                ticket.failure(Instant::now());
+                m.errors[op as usize].fetch_add(1, Ordering::Relaxed);
+                Err(match e {
+                    ExecutionError::RequestTimeout(d) => {
+                        m.timeouts[op as usize].fetch_add(1, Ordering::Relaxed);
+                        StoreError::Timeout(d.as_millis() as u64)
+                    }
+                    e => unavailable(OPS[op as usize], e),
+                })
+            }
+        }
+    }
+
+    /// Writes one partition's rows: a plain statement for one row, an UNLOGGED batch for
+    /// more (one partition, so one replica set applies it atomically and cheaply).
+    async fn write_partition(&self, rows: &[Record]) -> Result<(), StoreError> {
+        debug_assert!(!rows.is_empty() && rows.len() <= self.max_batch_rows);
+        if let [row] = rows {
+            let values = self.upsert_row(row);
+            self.request(
+                Op::Write,
+                self.session.execute_unpaged(&self.upsert, values),
+            )
+            .await?;
+        } else {
+            let mut batch = Batch::new_with_statements(
+                BatchType::Unlogged,
+                vec![BatchStatement::PreparedStatement(self.upsert.clone()); rows.len()],
+            );
+            batch.set_consistency(self.write_consistency);
+            batch.set_is_idempotent(true);
+            batch.set_history_listener(Arc::clone(&self.history) as Arc<dyn HistoryListener>);
+            let values: Vec<UpsertRow> = rows.iter().map(|r| self.upsert_row(r)).collect();
+            self.request(Op::Write, self.session.batch(&batch, values))
+                .await?;
+        }
+        self.metrics
+            .rows_written
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for CassandraStore {
+    fn name(&self) -> &'static str {
+        "cassandra"
+    }
+
+    /// Partitions are written concurrently; the first failure ends the call (the flusher
+    /// retries the whole batch, which is harmless: every write carries its own timestamp).
+    async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let inner = &*self.inner;
+        let groups = group_by_partition(records, inner.max_batch_rows);
+        stream::iter(groups.iter().map(Ok))
+            .try_for_each_concurrent(inner.max_in_flight, |rows| inner.write_partition(rows))
+            .await
+    }
+
+    async fn get(&self, key: Key) -> Result<Option<Value>, StoreError> {
+        let inner = &*self.inner;
+        let values = (
+            id_to_bigint(key.account_id),
+            id_to_bigint(key.profile_id),
+            u64_to_varint(key.title_id),
+        );
+        let result = inner
+            .request(Op::Get, inner.session.execute_unpaged(&inner.get, values))
+            .await?;
+        let rows = result
+            .into_rows_result()
+            .map_err(|e| unavailable("reading a row", e))?;
+        let row = rows
+            .maybe_first_row::<(Option<Vec<&[u8]>>,)>()
+            .map_err(|e| StoreError::Corrupt {
+                key: Some(key),
+                detail: e.to_string(),
+            })?;
+        let Some((Some(elements),)) = row else {
+            return Ok(None);
+        };
+        newest_version(elements).map_err(|detail| StoreError::Corrupt {
+            key: Some(key),
+            detail,
+        })
+    }
+
+    async fn list_profile(
+        &self,
+        account_id: u64,
+        profile_id: u64,
+        limit: usize,
+    ) -> Result<Vec<TitleEntry>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let inner = &*self.inner;
+        let values = (
+            id_to_bigint(account_id),
+            id_to_bigint(profile_id),
+            i32::try_from(limit).unwrap_or(i32::MAX),
+        );
+        let result = inner
+            .request(Op::List, inner.session.execute_unpaged(&inner.list, values))
+            .await?;
+        let rows = result
+            .into_rows_result()
+            .map_err(|e| unavailable("listing a profile", e))?;
+        let typed = rows
+            .rows::<(CqlVarint, Option<Vec<&[u8]>>)>()
+            .map_err(|e| StoreError::Corrupt {
+                key: None,
+                detail: e.to_string(),
+            })?;
+        let mut entries = Vec::with_capacity(rows.rows_num());
+        for row in typed {
+            let (title, elements) = row.map_err(|e| StoreError::Corrupt {
+                key: None,
+                detail: e.to_string(),
+            })?;
+            let Some(title_id) = varint_to_u64(&title) else {
+                tracing::warn!(?title, "skipping a row whose title_id is not a u64");
+                continue;
+            };
+            match newest_version(elements.unwrap_or_default()) {
+                Ok(Some(value)) => entries.push(TitleEntry { title_id, value }),
+                Ok(None) => {}
+                Err(detail) => {
+                    // Skip one malformed row rather than hide the whole profile.
+                    tracing::warn!(account_id, profile_id, title_id, "{detail}");
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Rows expire by their TTL; there is nothing to purge.
+    async fn purge_older_than(&self, _cutoff_ms: u64) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        render_metrics(&self.inner.metrics, &self.inner.breaker, out);
+    }
+}
+
+/// Appends the `playhead_cassandra_*` metrics (docs/cassandra.md) to `out`.
+fn render_metrics(m: &CassandraMetrics, breaker: &CircuitBreaker, out: &mut String) {
+    use metrics::{header, load, sample, single};
+    for (name, help, counters) in [
+        (
+            "playhead_cassandra_requests_total",
+            "Requests sent to the cluster, by operation.",
+            &m.requests,
+        ),
+        (
+            "playhead_cassandra_errors_total",
+            "Requests that failed (driver or server error, timeouts included), by operation.",
+            &m.errors,
+        ),
+        (
+            "playhead_cassandra_timeouts_total",
+            "Requests that hit store.cassandra.request_timeout_ms, by operation.",
+            &m.timeouts,
+        ),
+    ] {
+        header(out, name, "counter", help);
+        for (i, op) in OPS.iter().enumerate() {
+            sample(out, name, &format!("op=\"{op}\""), load(&counters[i]));
+        }
+    }
+    single(
+        out,
+        "playhead_cassandra_driver_retries_total",
+        "counter",
+        "Attempts the driver's retry policy sent again.",
+        load(&m.driver_retries),
+    );
+    single(
+        out,
+        "playhead_cassandra_rows_written_total",
+        "counter",
+        "Rows acknowledged by the cluster.",
+        load(&m.rows_written),
+    );
+    single(
+        out,
+        "playhead_cassandra_in_flight_requests",
+        "gauge",
+        "Requests outstanding now.",
+        m.in_flight.load(Ordering::Relaxed).max(0),
+    );
+    single(
+        out,
+        "playhead_cassandra_breaker_state",
+        "gauge",
+        "Circuit breaker: 0 closed, 1 open, 2 half-open.",
+        breaker.state().as_gauge(),
+    );
+    single(
+        out,
+        "playhead_cassandra_breaker_opened_total",
+        "counter",
+        "Times the circuit breaker opened.",
+        breaker.times_opened(),
+    );
+    single(
+        out,
+        "playhead_cassandra_breaker_refused_total",
+        "counter",
+        "Requests refused by the open breaker without being sent.",
+        load(&m.breaker_refused),
+    );
+    header(
+        out,
+        "playhead_cassandra_request_duration_seconds",
+        "histogram",
+        "Latency of requests to the cluster, by operation.",
+    );
+    for (i, op) in OPS.iter().enumerate() {
+        m.latency[i].render(
+            out,
+            "playhead_cassandra_request_duration_seconds",
+            &format!("op=\"{op}\""),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> CassandraStoreConfig {
+        CassandraStoreConfig::default()
+    }
+
+    #[test]
+    fn keyspace_cql_follows_replication_settings() {
+        let mut c = config();
+        assert_eq!(
+            keyspace_cql(&c),
+            "CREATE KEYSPACE IF NOT EXISTS playhead WITH replication = \
+             {'class': 'NetworkTopologyStrategy', 'datacenter1': 3} AND durable_writes = true"
+        );
+        c.datacenter_replication = [("eu".to_string(), 3), ("us".to_string(), 2)].into();
+        assert!(keyspace_cql(&c).contains("{'class': 'NetworkTopologyStrategy', 'eu': 3, 'us': 2}"));
+        c.datacenter_replication.clear();
+        c.replication = ReplicationStrategy::SimpleStrategy;
+        c.replication_factor = 1;
+        c.keyspace = "playhead_test".into();
+        assert_eq!(
+            keyspace_cql(&c),
+            "CREATE KEYSPACE IF NOT EXISTS playhead_test WITH replication = \
+             {'class': 'SimpleStrategy', 'replication_factor': 1} AND durable_writes = true"
+        );
+    }
+
+    #[test]
+    fn table_and_statements_name_the_keyspace_and_bind_in_order() {
+        let table = table_cql("ks");
+        assert!(table.starts_with("CREATE TABLE IF NOT EXISTS ks.positions (\n"));
+        assert!(table.contains("    title_id varint,\n"));
+        assert!(table.contains("    versions set<blob>,\n"));
+        assert!(table.contains("PRIMARY KEY ((account_id, profile_id), title_id)"));
+        assert_eq!(
+            upsert_cql("ks"),
+            "UPDATE ks.positions USING TIMESTAMP ? AND TTL ? SET versions = ? \
+             WHERE account_id = ? AND profile_id = ? AND title_id = ?"
+        );
+        assert_eq!(
+            get_cql("ks"),
+            "SELECT versions FROM ks.positions WHERE account_id = ? AND profile_id = ? AND title_id = ?"
+        );
+        assert!(list_cql("ks").ends_with("WHERE account_id = ? AND profile_id = ? LIMIT ?"));
+        let schema = schema_cql(&config());
+        assert_eq!(schema.matches(";\n").count(), 2, "{schema}");
+    }
+
+    #[test]
+    fn timestamps_are_microseconds_and_ttl_is_clamped() {
+        let v = Value::new(10, 1_760_000_000_123, 4);
+        assert_eq!(write_timestamp_micros(&v), 1_760_000_000_123_000);
+        assert_eq!(
+            write_timestamp_micros(&Value::tombstone(u64::MAX)),
+            i64::MAX
+        );
+        assert_eq!(ttl_for_cql(180 * 86_400), 15_552_000);
+        assert_eq!(ttl_for_cql(0), 1);
+        assert_eq!(ttl_for_cql(u64::MAX), 630_720_000);
+    }
+
+    #[test]
+    fn version_bytes_order_equals_version_order() {
+        let values = [
+            Value::new(u32::MAX - 1, 0, 0),
+            Value::new(0, 1, 0),
+            Value::new(5, 1_000, 1),
+            Value::new(6, 1_000, 1),
+            Value::new(0, 1_000, 2),
+            Value::new(0, 1_000, u32::MAX - 1),
+            Value::tombstone(1_000),
+            Value::new(0, 1_001, 0),
+            Value::tombstone(u64::MAX),
+        ];
+        for a in &values {
+            assert_eq!(decode_version(&encode_version(a)), Some(*a));
+            for b in &values {
+                assert_eq!(
+                    encode_version(a).cmp(&encode_version(b)),
+                    a.version().cmp(&b.version()),
+                    "{a:?} vs {b:?}"
+                );
+                // The write timestamp never contradicts the order.
+                if a.supersedes(b) {
+                    assert!(write_timestamp_micros(a) >= write_timestamp_micros(b));
+                }
+            }
+        }
+        assert_eq!(decode_version(&[0; 15]), None);
+    }
+
+    #[test]
+    fn newest_version_picks_the_largest_and_skips_malformed() {
+        let a = encode_version(&Value::new(40, 1_001, 2));
+        let b = encode_version(&Value::new(41, 1_001, 2));
+        let t = encode_version(&Value::tombstone(1_001));
+        assert_eq!(
+            newest_version([&a[..], &b[..]]),
+            Ok(Some(Value::new(41, 1_001, 2)))
+        );
+        assert_eq!(
+            newest_version([&t[..], &b[..], &[1u8, 2][..]]),
+            Ok(Some(Value::tombstone(1_001)))
+        );
+        assert_eq!(newest_version(std::iter::empty()), Ok(None));
+        assert!(newest_version([&[0u8; 3][..]]).is_err());
+    }
+
+    #[test]
+    fn ids_round_trip_and_varints_are_minimal() {
+        for id in [0u64, 1, 127, 128, 255, 256, 1 << 63, u64::MAX - 1, u64::MAX] {
+            let v = u64_to_varint(id);
+            assert_eq!(varint_to_u64(&v), Some(id), "{id}");
+            assert_eq!(id_to_bigint(id) as u64, id);
+        }
+        assert_eq!(u64_to_varint(0).as_signed_bytes_be_slice(), &[0]);
+        assert_eq!(u64_to_varint(127).as_signed_bytes_be_slice(), &[127]);
+        assert_eq!(u64_to_varint(128).as_signed_bytes_be_slice(), &[0, 128]);
+        assert_eq!(u64_to_varint(u64::MAX).as_signed_bytes_be_slice().len(), 9);
+        assert_eq!(
+            varint_to_u64(&CqlVarint::from_signed_bytes_be(vec![0xff])),
+            None
+        );
+        assert_eq!(
+            varint_to_u64(&CqlVarint::from_signed_bytes_be(vec![1; 9])),
+            None
+        );
+        assert_eq!(
+            varint_to_u64(&CqlVarint::from_signed_bytes_be(vec![0, 0, 5])),
+            Some(5)
+        );
+    }
+
+    #[test]
+    fn batches_group_one_partition_each_and_respect_the_row_limit() {
+        let v = Value::new(1, 1, 1);
+        let mut records = Vec::new();
+        for title in 0..5 {
+            records.push(Record::new(Key::new(1, 1, title), v));
+        }
+        records.push(Record::new(Key::new(1, 2, 0), v));
+        records.push(Record::new(Key::new(2, 1, 0), v));
+        records.push(Record::new(Key::new(1, 1, 9), v));
+        records.reverse();
+        let groups = group_by_partition(&records, 2);
+        let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![2, 2, 2, 1, 1]);
+        let mut seen = 0;
+        for g in &groups {
+            let p = (g[0].key.account_id, g[0].key.profile_id);
+            assert!(g.iter().all(|r| (r.key.account_id, r.key.profile_id) == p));
+            seen += g.len();
+        }
+        assert_eq!(seen, records.len());
+        assert_eq!(group_by_partition(&records, 100).len(), 3);
+        assert!(group_by_partition(&[], 4).is_empty());
+    }
+
+    #[test]
+    fn metrics_render_every_family_with_op_labels() {
+        let m = CassandraMetrics::default();
+        m.requests[Op::Get as usize].fetch_add(3, Ordering::Relaxed);
+        m.latency[Op::Write as usize].observe(Duration::from_millis(2));
+        {
+            let _one = InFlight::enter(&m.in_flight);
+            assert_eq!(m.in_flight.load(Ordering::Relaxed), 1);
+        }
+        let breaker = CircuitBreaker::new(1, Duration::from_secs(1));
+        let _ = breaker.admit(Instant::now()).unwrap(); // dropped: a failure, opens it
+        let mut out = String::new();
+        render_metrics(&m, &breaker, &mut out);
+        for line in [
+            "playhead_cassandra_requests_total{op=\"get\"} 3\n",
+            "playhead_cassandra_errors_total{op=\"list\"} 0\n",
+            "playhead_cassandra_in_flight_requests 0\n",
+            "playhead_cassandra_breaker_state 1\n",
+            "playhead_cassandra_breaker_opened_total 1\n",
+            "playhead_cassandra_request_duration_seconds_count{op=\"write\"} 1\n",
+            "# TYPE playhead_cassandra_driver_retries_total counter\n",
+        ] {
+            assert!(out.contains(line), "missing {line:?} in\n{out}");
+        }
+    }
+
+    #[test]
+    fn consistency_levels_map_one_to_one() {
+        assert_eq!(
+            consistency(ConsistencyLevel::LocalQuorum),
+            Consistency::LocalQuorum
+        );
+        assert_eq!(
+            consistency(ConsistencyLevel::LocalOne),
+            Consistency::LocalOne
+        );
+        assert_eq!(
+            consistency(ConsistencyLevel::EachQuorum),
+            Consistency::EachQuorum
+        );
+    }
+}
