@@ -79,10 +79,12 @@ start_playhead() { # extra env assignments as arguments
 stop_playhead() { kill -TERM "$PLAYHEAD_PID" 2>/dev/null || true; wait "$PLAYHEAD_PID" 2>/dev/null || true; }
 
 start_redis() {
+  local dir="$WORK/redis-$RANDOM"
+  mkdir -p "$dir"
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync everysec \
-    --dir "$WORK" --daemonize no > "$WORK/redis.log" 2>&1 &
+    --dir "$dir" --daemonize no > "$WORK/redis.log" 2>&1 &
   REDIS_PID=$!; PIDS+=("$REDIS_PID")
-  for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && return; sleep 0.1; done
+  for _ in $(seq 100); do [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ] && return; sleep 0.1; done
   echo "redis did not start" >&2; exit 1
 }
 stop_redis() { kill "$REDIS_PID" 2>/dev/null || true; wait "$REDIS_PID" 2>/dev/null || true; }
@@ -165,6 +167,11 @@ section_read() {
   r=$(loadgen read --protocol http --keys 100000 --connections 64)
   record read playhead max_per_sec "$(field "$r" "r['acked_per_sec']")" "req/s" "HTTP GET resume, closed loop, 64 connections"
   record read playhead p99_at_max_ms "$(field "$r" "r['latency']['p99']")" ms ""
+  # The same read with wrk (a C client, lighter than playhead-loadgen's HTTP client): the
+  # server's own ceiling when the generator is not the bottleneck.
+  local token; token=$("$PLAYHEAD" token --account-id 1 --profile-id 1)
+  TOKEN="$token" wrk -t1 -c64 -d"${DURATION}s" -s bench/get_stream.lua "http://127.0.0.1:$HTTP_PORT" > "$WORK/wrk.out" 2>&1
+  record read playhead wrk_max_per_sec "$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk.out")" "req/s" "wrk -t1 -c64 GET resume"
   stop_playhead
   start_redis
   loadgen max --protocol redis-set --keys 100000 --connections 2 > /dev/null
