@@ -64,19 +64,7 @@ pub async fn run_max(
         tasks
             .spawn(async move { max_connection(&args, &titles, &live, window, lo, hi, cap).await });
     }
-    let mut outcome = Outcome {
-        stats: TaskStats::new(),
-        latency_of: "batch",
-        expected: Vec::new(),
-        unverifiable: 0,
-    };
-    while let Some(done) = tasks.join_next().await {
-        let (stats, expected, unverifiable) = done??;
-        outcome.stats.merge(&stats);
-        outcome.expected.extend(expected);
-        outcome.unverifiable += unverifiable;
-    }
-    Ok(outcome)
+    crate::workload::gather(tasks, "batch").await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -262,19 +250,7 @@ pub async fn run_fleet(
             fleet_connection(&args, &titles, &live, window, fleet).await
         });
     }
-    let mut outcome = Outcome {
-        stats: TaskStats::new(),
-        latency_of: "batch",
-        expected: Vec::new(),
-        unverifiable: 0,
-    };
-    while let Some(done) = tasks.join_next().await {
-        let (stats, expected, unverifiable) = done??;
-        outcome.stats.merge(&stats);
-        outcome.expected.extend(expected);
-        outcome.unverifiable += unverifiable;
-    }
-    Ok(outcome)
+    crate::workload::gather(tasks, "batch").await
 }
 
 async fn fleet_connection(

@@ -190,19 +190,7 @@ pub async fn run(
         let (args, titles, live) = (args.clone(), Arc::clone(titles), Arc::clone(live));
         tasks.spawn(async move { connection(&args, &titles, &live, window, c, connections).await });
     }
-    let mut outcome = Outcome {
-        stats: TaskStats::new(),
-        latency_of: "request",
-        expected: Vec::new(),
-        unverifiable: 0,
-    };
-    while let Some(done) = tasks.join_next().await {
-        let (stats, expected, unverifiable) = done??;
-        outcome.stats.merge(&stats);
-        outcome.expected.extend(expected);
-        outcome.unverifiable += unverifiable;
-    }
-    Ok(outcome)
+    crate::workload::gather(tasks, "request").await
 }
 
 async fn connection(

@@ -157,19 +157,11 @@ pub async fn run(
             sha.clone(),
         );
         tasks.spawn(async move {
-            connection(&args, &titles, &live, window, c, connections, &sha).await
+            let stats = connection(&args, &titles, &live, window, c, connections, &sha).await?;
+            Ok((stats, Vec::new(), 0))
         });
     }
-    let mut outcome = Outcome {
-        stats: TaskStats::new(),
-        latency_of: "batch",
-        expected: Vec::new(),
-        unverifiable: 0,
-    };
-    while let Some(done) = tasks.join_next().await {
-        outcome.stats.merge(&done??);
-    }
-    Ok(outcome)
+    crate::workload::gather(tasks, "batch").await
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -39,6 +39,30 @@ pub struct Outcome {
     pub unverifiable: u64,
 }
 
+/// What one connection task returns: its stats, the keys it can vouch for, and how many
+/// keys it cannot.
+pub type TaskResult = anyhow::Result<(TaskStats, Vec<Expected>, u64)>;
+
+/// Waits for every connection task and merges what they measured.
+pub async fn gather(
+    mut tasks: tokio::task::JoinSet<TaskResult>,
+    latency_of: &'static str,
+) -> anyhow::Result<Outcome> {
+    let mut outcome = Outcome {
+        stats: TaskStats::new(),
+        latency_of,
+        expected: Vec::new(),
+        unverifiable: 0,
+    };
+    while let Some(done) = tasks.join_next().await {
+        let (stats, expected, unverifiable) = done??;
+        outcome.stats.merge(&stats);
+        outcome.expected.extend(expected);
+        outcome.unverifiable += unverifiable;
+    }
+    Ok(outcome)
+}
+
 pub fn titles(args: &Args) -> anyhow::Result<Arc<Vec<LoadTitle>>> {
     let catalog = Catalog::load(&args.catalog).with_context(|| {
         format!(
