@@ -59,19 +59,8 @@ pub async fn serve(
 ) {
     let config = state.config.binary.clone();
     let slots = Arc::new(Semaphore::new(config.max_connections));
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => break,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!("binary accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
+    while let Some(stream) = crate::http::next_connection(&listener, &mut shutdown, "binary").await
+    {
         let metrics = &state.metrics;
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             metrics

@@ -148,9 +148,15 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
             let grown = (self.slots.len() * GROW_NUM / GROW_DEN).max(MIN_CAPACITY);
             self.resize(grown.max(slots_for(self.len + 1)));
         }
-        let (i, found) = self.probe(&key);
+        self.place(Slot { key, value });
+    }
+
+    /// Puts `slot` in the free slot its probe ends at; its key must be absent and the table
+    /// must have room.
+    fn place(&mut self, slot: Slot) {
+        let (i, found) = self.probe(&slot.key);
         debug_assert!(!found, "insert_new of a key already present");
-        self.slots[i] = Slot { key, value };
+        self.slots[i] = slot;
         self.used[i / 64] |= 1 << (i % 64);
         self.len += 1;
     }
@@ -170,10 +176,7 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
         self.len = 0;
         for (i, slot) in old_slots.iter().enumerate() {
             if old_used[i / 64] & (1 << (i % 64)) != 0 {
-                let (j, _) = self.probe(&slot.key);
-                self.slots[j] = *slot;
-                self.used[j / 64] |= 1 << (j % 64);
-                self.len += 1;
+                self.place(*slot);
             }
         }
     }

@@ -8,7 +8,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use playhead::model::Value;
 use playhead::protocol::WireRecord;
+
+/// A value's place in the last-write-wins order: (timestamp, device, position).
+type Version = (u64, u32, u32);
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -46,10 +50,10 @@ pub struct Fleet {
     max_positions: Vec<u32>,
     /// Newest acknowledged value per key: (timestamp, device, position), the server's
     /// last-write-wins order.
-    newest: HashMap<(u64, u64, u32), (u64, u32, u32)>,
+    newest: HashMap<(u64, u64, u32), Version>,
     /// Newest version per key that was sent but never acknowledged (BUSY, or no reply):
     /// the server may show it, so such a key is verifiable only if a newer one was acked.
-    unknown: HashMap<(u64, u64, u32), (u64, u32, u32)>,
+    unknown: HashMap<(u64, u64, u32), Version>,
 }
 
 impl Fleet {
@@ -156,34 +160,12 @@ impl Fleet {
 
     /// Records that the server acknowledged `record` (with the title's index).
     pub fn acknowledged(&mut self, record: &WireRecord, title: u32) {
-        let version = (
-            record.timestamp_ms,
-            record.device_id,
-            record.position_seconds,
-        );
-        let entry = self
-            .newest
-            .entry((record.account_id, record.profile_id, title))
-            .or_insert(version);
-        if version > *entry {
-            *entry = version;
-        }
+        keep_newest(&mut self.newest, record, title);
     }
 
     /// Records that `record` was sent but not acknowledged.
     pub fn unacknowledged(&mut self, record: &WireRecord, title: u32) {
-        let version = (
-            record.timestamp_ms,
-            record.device_id,
-            record.position_seconds,
-        );
-        let entry = self
-            .unknown
-            .entry((record.account_id, record.profile_id, title))
-            .or_insert(version);
-        if version > *entry {
-            *entry = version;
-        }
+        keep_newest(&mut self.unknown, record, title);
     }
 
     /// The keys whose newest acknowledged value the server must show, and how many keys
@@ -204,5 +186,22 @@ impl Fleet {
             });
         }
         (expected, unverifiable)
+    }
+}
+
+/// Keeps the newer of `record` and what `versions` holds for its key, by the server's own
+/// last-write-wins order ([`Value::version`]).
+fn keep_newest(versions: &mut HashMap<(u64, u64, u32), Version>, record: &WireRecord, title: u32) {
+    let version = Value::new(
+        record.position_seconds,
+        record.timestamp_ms,
+        record.device_id,
+    )
+    .version();
+    let entry = versions
+        .entry((record.account_id, record.profile_id, title))
+        .or_insert(version);
+    if version > *entry {
+        *entry = version;
     }
 }

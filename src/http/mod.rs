@@ -92,20 +92,7 @@ pub async fn serve(
     let app = router(Arc::clone(&state));
     let slots = Arc::new(Semaphore::new(http.max_connections));
     let graceful = GracefulShutdown::new();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => break,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
+    while let Some(stream) = next_connection(&listener, &mut shutdown, "HTTP").await {
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             state
                 .metrics
@@ -145,6 +132,29 @@ pub async fn serve(
             "some HTTP connections were still busy after {} ms; closed",
             grace.as_millis()
         );
+    }
+}
+
+/// The next accepted connection of `listener`, or `None` once `shutdown` flips. Accept
+/// errors (out of file descriptors and the like) are logged and retried after a short
+/// pause instead of spinning. Shared by the HTTP and binary listeners.
+pub(crate) async fn next_connection(
+    listener: &TcpListener,
+    shutdown: &mut watch::Receiver<bool>,
+    name: &str,
+) -> Option<tokio::net::TcpStream> {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return None,
+        };
+        match accepted {
+            Ok((stream, _)) => return Some(stream),
+            Err(e) => {
+                tracing::warn!("{name} accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
 }
 
