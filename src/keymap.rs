@@ -87,10 +87,11 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
         &self.hasher
     }
 
+    /// The hash every lookup of `key` starts from; the `*_hashed` methods take it
+    /// precomputed so a caller can prefetch first (see [`Location`]).
     #[inline]
-    fn home(&self, key: &Key) -> usize {
-        let hash = self.hasher.hash_one(key);
-        ((u128::from(hash) * self.slots.len() as u128) >> 64) as usize
+    pub fn hash(&self, key: &Key) -> u64 {
+        self.hasher.hash_one(key)
     }
 
     #[inline]
@@ -100,10 +101,11 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
 
     /// The slot holding `key`, or the free slot where it would go.
     #[inline]
-    fn probe(&self, key: &Key) -> (usize, bool) {
+    fn probe(&self, hash: u64, key: &Key) -> (usize, bool) {
         debug_assert!(self.len < self.slots.len(), "a full table has no free slot");
+        debug_assert_eq!(hash, self.hash(key), "hash from another hasher");
         let cap = self.slots.len();
-        let mut i = self.home(key);
+        let mut i = home(hash, cap);
         loop {
             if !self.is_used(i) {
                 return (i, false);
@@ -118,11 +120,26 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
         }
     }
 
+    /// Where the arrays are now; changes when the map grows.
+    pub fn location(&self) -> Location {
+        Location {
+            slots: self.slots.as_ptr() as usize,
+            used: self.used.as_ptr() as usize,
+            capacity: self.slots.len(),
+        }
+    }
+
     pub fn get(&self, key: &Key) -> Option<&Value> {
+        self.get_hashed(self.hash(key), key)
+    }
+
+    /// [`KeyMap::get`] with `hash` = [`KeyMap::hash`]`(key)`.
+    #[inline]
+    pub fn get_hashed(&self, hash: u64, key: &Key) -> Option<&Value> {
         if self.len == 0 {
             return None;
         }
-        match self.probe(key) {
+        match self.probe(hash, key) {
             (i, true) => Some(&self.slots[i].value),
             _ => None,
         }
@@ -133,10 +150,16 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
     }
 
     pub fn get_mut(&mut self, key: &Key) -> Option<&mut Value> {
+        self.get_mut_hashed(self.hash(key), key)
+    }
+
+    /// [`KeyMap::get_mut`] with `hash` = [`KeyMap::hash`]`(key)`.
+    #[inline]
+    pub fn get_mut_hashed(&mut self, hash: u64, key: &Key) -> Option<&mut Value> {
         if self.len == 0 {
             return None;
         }
-        match self.probe(key) {
+        match self.probe(hash, key) {
             (i, true) => Some(&mut self.slots[i].value),
             _ => None,
         }
@@ -144,17 +167,26 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
 
     /// Inserts `key`, which must not be present (checked in debug builds).
     pub fn insert_new(&mut self, key: Key, value: Value) {
-        if (self.len + 1) * MAX_LOAD_DEN > self.slots.len() * MAX_LOAD_NUM {
+        self.insert_new_hashed(self.hash(&key), key, value);
+    }
+
+    /// [`KeyMap::insert_new`] with `hash` = [`KeyMap::hash`]`(&key)`. Returns whether the
+    /// map grew, i.e. its [`Location`] changed.
+    #[inline]
+    pub fn insert_new_hashed(&mut self, hash: u64, key: Key, value: Value) -> bool {
+        let grow = (self.len + 1) * MAX_LOAD_DEN > self.slots.len() * MAX_LOAD_NUM;
+        if grow {
             let grown = (self.slots.len() * GROW_NUM / GROW_DEN).max(MIN_CAPACITY);
             self.resize(grown.max(slots_for(self.len + 1)));
         }
-        self.place(Slot { key, value });
+        self.place(hash, Slot { key, value });
+        grow
     }
 
     /// Puts `slot` in the free slot its probe ends at; its key must be absent and the table
     /// must have room.
-    fn place(&mut self, slot: Slot) {
-        let (i, found) = self.probe(&slot.key);
+    fn place(&mut self, hash: u64, slot: Slot) {
+        let (i, found) = self.probe(hash, &slot.key);
         debug_assert!(!found, "insert_new of a key already present");
         self.slots[i] = slot;
         self.used[i / 64] |= 1 << (i % 64);
@@ -176,10 +208,52 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
         self.len = 0;
         for (i, slot) in old_slots.iter().enumerate() {
             if old_used[i / 64] & (1 << (i % 64)) != 0 {
-                self.place(*slot);
+                self.place(self.hash(&slot.key), *slot);
             }
         }
     }
+}
+
+/// The slot a probe for `hash` starts at, in a table of `capacity` slots (fastrange).
+#[inline]
+fn home(hash: u64, capacity: usize) -> usize {
+    ((u128::from(hash) * capacity as u128) >> 64) as usize
+}
+
+/// Where a map's arrays were when it was last asked: enough to prefetch the two cache
+/// lines a lookup of a hash starts with (its home slot and its occupancy word) from a
+/// thread that does not hold the map. Only ever used as a prefetch address — a stale
+/// location (the map grew or was dropped since) prefetches the wrong line, which costs
+/// nothing but the hint: a prefetch never faults and never reads data into the program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Location {
+    pub slots: usize,
+    pub used: usize,
+    pub capacity: usize,
+}
+
+impl Location {
+    #[inline]
+    pub fn prefetch(&self, hash: u64) {
+        if self.capacity == 0 {
+            return;
+        }
+        let i = home(hash, self.capacity);
+        prefetch(self.slots.wrapping_add(i * std::mem::size_of::<Slot>()));
+        prefetch(self.used.wrapping_add(i / 64 * 8));
+    }
+}
+
+#[inline]
+fn prefetch(address: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it does not access memory architecturally and never
+    // faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(address as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = address;
 }
 
 /// Slots needed to hold `keys` at the maximum load.
