@@ -483,12 +483,10 @@ async fn keyed_connection(
                 write,
             });
         }
-        if !conn.out.is_empty() {
-            if conn.flush().await.is_err() {
-                fail_all(&mut in_flight, &mut unknown, live, &mut stats, window);
-                conn.reset();
-                continue;
-            }
+        if !conn.out.is_empty() && conn.flush().await.is_err() {
+            fail_all(&mut in_flight, &mut unknown, live, &mut stats, window);
+            conn.reset();
+            continue;
         }
         if in_flight.is_empty() {
             // Open loop, nothing outstanding: wait for the next send time.
