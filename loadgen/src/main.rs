@@ -104,6 +104,13 @@ pub struct Args {
     /// Batches in flight per binary connection.
     #[arg(long, default_value_t = 16)]
     pub in_flight: usize,
+    /// HTTP `max` and `read`: requests in flight per connection (HTTP/1.1 pipelining).
+    /// 1, the default, sends a request only after the previous answer, as a player does.
+    /// More lets the open loop keep its schedule while answers are slow, and requests due
+    /// together leave in one write: cheaper for the generator, and for the server too, so
+    /// figures taken with it are not what one-request-per-connection clients would see.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub pipeline: u16,
     /// `fleet`: simulated viewers.
     #[arg(long, default_value_t = 100_000)]
     pub viewers: u64,

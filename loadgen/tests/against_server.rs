@@ -191,6 +191,49 @@ async fn every_workload_verifies_clean() {
     .await;
     assert!(r["reads"].as_u64().unwrap() > 0, "{r}");
 
+    // Pipelined (several requests in flight per connection), open and closed loop: every
+    // answer is still matched to its request and the writes verify clean.
+    let r = loadgen(
+        &s,
+        &[
+            "read",
+            "--protocol",
+            "http",
+            "--keys",
+            "500",
+            "--write-ratio",
+            "0.3",
+            "--rate",
+            "4000",
+            "--pipeline",
+            "8",
+            "--account-base",
+            "13000000",
+        ],
+    )
+    .await;
+    assert!(r["reads"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    let r = loadgen(
+        &s,
+        &[
+            "max",
+            "--protocol",
+            "http",
+            "--keys",
+            "500",
+            "--connections",
+            "2",
+            "--pipeline",
+            "4",
+            "--account-base",
+            "15000000",
+        ],
+    )
+    .await;
+    assert!(r["verification"]["checked"].as_u64().unwrap() > 100, "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+
     let r = loadgen(
         &s,
         &[
