@@ -2,18 +2,16 @@
 //! continue-watching and deletes. Contract: docs/api.md.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use hyper::Request;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::AppState;
+use super::{respond, AppState, Response};
 use crate::auth::Principal;
 use crate::catalog::{Title, MAX_TITLE_ID_BYTES};
 use crate::engine::{ReadResult, ReadSource, RejectReason};
@@ -136,24 +134,56 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn parse_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<ProgressBody, ApiError> {
-    let bytes = body.map_err(|rejection| {
-        let status = rejection.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                status,
-                "body_too_large",
-                format!("the body is larger than {limit} bytes"),
-            )
-        } else {
-            ApiError::new(status, "bad_body", rejection.body_text())
+/// The whole body, refused with 413 as soon as it is known to exceed `limit` bytes (from
+/// `Content-Length` before any of it is read, else as chunks arrive). A body that arrives
+/// in one piece (the usual heartbeat) is taken without a copy.
+async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is larger than {limit} bytes"),
+        )
+    };
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    let mut first: Option<Bytes> = None;
+    let mut more = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::bad_request("bad_body", format!("reading the body failed: {e}"))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        let so_far = first.as_ref().map_or(0, Bytes::len) + more.len();
+        if so_far + data.len() > limit {
+            return Err(too_large());
         }
-    })?;
+        match &first {
+            None => first = Some(data),
+            Some(_) => more.extend_from_slice(&data),
+        }
+    }
+    Ok(match first {
+        None => Bytes::new(),
+        Some(first) if more.is_empty() => first,
+        Some(first) => {
+            let mut whole = BytesMut::with_capacity(first.len() + more.len());
+            whole.extend_from_slice(&first);
+            whole.extend_from_slice(&more);
+            whole.freeze()
+        }
+    })
+}
+
+fn parse_body(bytes: &[u8]) -> Result<ProgressBody, ApiError> {
     // The fast path parses directly; only a failure is parsed again to name the field.
-    if let Ok(body) = serde_json::from_slice(&bytes) {
+    if let Ok(body) = serde_json::from_slice(bytes) {
         return Ok(body);
     }
-    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
@@ -173,14 +203,14 @@ fn parse_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Progr
 
 /// `POST /api/v1/stream/progress` → 204 once the heartbeat is in the coalescer and the log.
 pub async fn post_progress(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<StatusCode, ApiError> {
-    let principal = authenticate(&state, &headers)?;
-    require_json(&headers)?;
-    let body = parse_body(body, state.config.http.max_body_bytes)?;
-    let title = title(&state, &body.movie_id)?;
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response, ApiError> {
+    let principal = authenticate(state, request.headers())?;
+    require_json(request.headers())?;
+    let bytes = read_body(request.into_body(), state.config.http.max_body_bytes).await?;
+    let body = parse_body(&bytes)?;
+    let title = title(state, &body.movie_id)?;
     let api = &state.config.api;
     let p = body.position_seconds;
     if !p.is_finite() || p < 0.0 {
@@ -233,38 +263,61 @@ pub async fn post_progress(
             }
         })?;
     state.write(&[record], "http").await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(no_content())
+}
+
+/// `204 No Content`.
+fn no_content() -> Response {
+    let mut r = Response::default();
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    r
+}
+
+/// The `movie_id` of the query string (`?movie_id=X`, percent-decoded).
+fn movie_query<B>(request: &Request<B>) -> Result<MovieQuery, ApiError> {
+    serde_urlencoded::from_str(request.uri().query().unwrap_or("")).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_query",
+            format!("Failed to deserialize query string: {e}"),
+        )
+    })
+}
+
+/// `body` as JSON, `200 OK`.
+fn json<T: Serialize>(body: &T) -> Result<Response, ApiError> {
+    let bytes = serde_json::to_vec(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("encoding the answer failed: {e}"),
+        )
+    })?;
+    Ok(respond(StatusCode::OK, "application/json", bytes.into()))
 }
 
 /// `DELETE /api/v1/stream/progress?movie_id=X` → 204; a tombstone, so an in-flight older
 /// heartbeat cannot bring the title back.
 pub async fn delete_progress(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    query: Result<Query<MovieQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<StatusCode, ApiError> {
-    let principal = authenticate(&state, &headers)?;
-    let Query(q) = query.map_err(query_error)?;
-    let title = title(&state, &q.movie_id)?;
+    state: &AppState,
+    request: &Request<Incoming>,
+) -> Result<Response, ApiError> {
+    let principal = authenticate(state, request.headers())?;
+    let q = movie_query(request)?;
+    let title = title(state, &q.movie_id)?;
     let key = Key::new(principal.account_id, principal.profile_id, title.title_id);
     let record = state.engine.deletion(key);
     state.write(&[record], "http").await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
-    ApiError::bad_request("invalid_query", e.body_text())
+    Ok(no_content())
 }
 
 /// `GET /api/v1/stream?movie_id=X` → where to resume. Never fails because of the store.
 pub async fn get_stream(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    query: Result<Query<MovieQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<StreamResponse>, ApiError> {
-    let principal = authenticate(&state, &headers)?;
-    let Query(q) = query.map_err(query_error)?;
-    let requested = title(&state, &q.movie_id)?;
+    state: &AppState,
+    request: &Request<Incoming>,
+) -> Result<Response, ApiError> {
+    let principal = authenticate(state, request.headers())?;
+    let q = movie_query(request)?;
+    let requested = title(state, &q.movie_id)?;
     let key = Key::new(
         principal.account_id,
         principal.profile_id,
@@ -281,18 +334,18 @@ pub async fn get_stream(
             let mut response = state.answer(principal, next, next_read);
             response.next_episode_of = Some(requested.id.clone());
             response.completed = true;
-            return Ok(Json(response));
+            return json(&response);
         }
     }
-    Ok(Json(state.answer(principal, requested, read)))
+    json(&state.answer(principal, requested, read))
 }
 
 /// `GET /api/v1/continue-watching` → in-progress titles, newest first, one per series.
 pub async fn continue_watching(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-) -> Result<Json<ContinueResponse>, ApiError> {
-    let principal = authenticate(&state, &headers)?;
+    state: &AppState,
+    request: &Request<Incoming>,
+) -> Result<Response, ApiError> {
+    let principal = authenticate(state, request.headers())?;
     let limit = state.config.api.continue_watching_limit;
     // Read more rows than we show: completed titles and older episodes are dropped.
     let (entries, source) = state
@@ -343,10 +396,10 @@ pub async fn continue_watching(
             break;
         }
     }
-    Ok(Json(ContinueResponse {
+    json(&ContinueResponse {
         items,
         source: source_name(source),
-    }))
+    })
 }
 
 impl AppState {
@@ -406,16 +459,18 @@ impl AppState {
 }
 
 /// Unknown routes.
-pub async fn not_found() -> Response {
-    ApiError::not_found("not_found", "no such route").into_response()
+pub fn not_found() -> ApiError {
+    ApiError::not_found("not_found", "no such route")
 }
 
-/// Known route, wrong method.
-pub async fn method_not_allowed() -> Response {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "this route does not take that method",
-    )
-    .into_response()
+/// Known route, wrong method; `allow` lists the methods it takes.
+pub fn method_not_allowed(allow: &'static str) -> ApiError {
+    ApiError {
+        allow: Some(allow),
+        ..ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this route does not take that method",
+        )
+    }
 }

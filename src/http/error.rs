@@ -1,15 +1,12 @@
 //! The JSON error body every 4xx/5xx carries: `{"error": "<code>", "message": "<text>"}`.
 
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use http::{header, HeaderValue, StatusCode};
 use serde::Serialize;
+
+use super::{respond, Response};
 
 /// Longest error message sent; longer ones are cut.
 const MAX_MESSAGE_BYTES: usize = 512;
-
-/// The error code of a response, for the metrics layer (rejections by reason).
-#[derive(Clone, Copy, Debug)]
-pub struct ErrorCode(pub &'static str);
 
 /// An API error: a status, a stable machine-readable code and a message naming the problem.
 #[derive(Debug)]
@@ -19,6 +16,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for `Retry-After` (503 only).
     pub retry_after_seconds: Option<u64>,
+    /// The `Allow` header of a 405.
+    pub allow: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -45,6 +44,7 @@ impl ApiError {
             code,
             message,
             retry_after_seconds: None,
+            allow: None,
         }
     }
 
@@ -68,22 +68,21 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The response: `status` with the JSON error body.
+    pub fn into_response(self) -> Response {
         let body = serde_json::to_vec(&Body {
             error: self.code,
             message: &self.message,
         })
         .unwrap_or_else(|_| b"{\"error\":\"internal\"}".to_vec());
-        let mut response = (self.status, body).into_response();
-        response.extensions_mut().insert(ErrorCode(self.code));
+        let mut response = respond(self.status, "application/json", body.into());
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
         if let Some(seconds) = self.retry_after_seconds {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some(allow) = self.allow {
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         response
     }

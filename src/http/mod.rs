@@ -1,11 +1,15 @@
 //! The HTTP listener: the public API (`/api/v1`), `/metrics`, `/healthz`, `/readyz`.
 //!
-//! axum routes on hyper's HTTP/1.1 connections, served by our own accept loop so every limit
-//! is ours: at most `http.max_connections` connections (more are closed at once), request
-//! headers within `http.header_read_timeout_ms` (slowloris), whole requests within
-//! `http.request_timeout_ms` (408), bodies up to `http.max_body_bytes` (413).
+//! hyper's HTTP/1.1 connections, served by our own accept loop so every limit is ours: at
+//! most `http.max_connections` connections (more are closed at once), request headers
+//! within `http.header_read_timeout_ms` (slowloris), whole requests within
+//! `http.request_timeout_ms` (408), bodies up to `http.max_body_bytes` (413). Routing is a
+//! `match` on the exact path ([`route_of`]) and handlers take the request by reference: no
+//! router, no extractors, no boxed bodies, one allocation per request for the handler's
+//! future (BENCHMARKS.md, issue 3). The deadlines: `conn`.
 
 pub mod api;
+mod conn;
 pub mod error;
 
 use std::collections::{HashMap, VecDeque};
@@ -14,15 +18,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::Request;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -33,7 +34,11 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::metrics::{self, Histogram};
 use crate::model::{Key, Value};
-use error::{ApiError, ErrorCode};
+use error::ApiError;
+
+/// Every answer: a whole body in one buffer (the largest is `/metrics`, ~16 KiB), so hyper
+/// writes head and body with one `writev` and nothing is boxed.
+pub type Response = hyper::Response<Full<Bytes>>;
 
 /// Everything a handler needs; shared by all connections.
 pub struct AppState {
@@ -59,28 +64,6 @@ impl AppState {
     }
 }
 
-/// The routes, with the metrics/timeout layer around them.
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route(
-            "/api/v1/stream/progress",
-            axum::routing::post(api::post_progress).delete(api::delete_progress),
-        )
-        .route("/api/v1/stream", get(api::get_stream))
-        .route("/api/v1/continue-watching", get(api::continue_watching))
-        .route("/metrics", get(metrics_endpoint))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .fallback(api::not_found)
-        .method_not_allowed_fallback(api::method_not_allowed)
-        .layer(DefaultBodyLimit::max(state.config.http.max_body_bytes))
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&state),
-            track,
-        ))
-        .with_state(state)
-}
-
 /// Serves `listener` until `shutdown` flips; then stops accepting, lets in-flight requests
 /// finish (bounded by `http.request_timeout_ms`) and returns.
 pub async fn serve(
@@ -89,7 +72,6 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let http = state.config.http.clone();
-    let app = router(Arc::clone(&state));
     let slots = Arc::new(Semaphore::new(http.max_connections));
     let graceful = GracefulShutdown::new();
     while let Some(stream) = next_connection(&listener, &mut shutdown, "HTTP").await {
@@ -101,21 +83,15 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        // Answers are one small write each: send them at once (no Nagle delay).
         let _ = stream.set_nodelay(true);
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_millis(http.header_read_timeout_ms))
-            .max_buf_size(64 * 1024);
-        let conn =
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let conn = graceful.watch(conn);
+        let conn = conn::serve(stream, Arc::clone(&state), &graceful);
         let open = Arc::clone(&state);
         open.metrics
             .connections_open
             .fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            let _ = conn.await;
+            conn.await;
             open.metrics
                 .connections_open
                 .fetch_sub(1, Ordering::Relaxed);
@@ -132,6 +108,82 @@ pub async fn serve(
             "some HTTP connections were still busy after {} ms; closed",
             grace.as_millis()
         );
+    }
+}
+
+/// Answers one request: routes it, answers 408 when the connection's watchdog says its
+/// time is up, counts it by route and status, and counts refused heartbeats by reason.
+async fn handle(
+    state: &AppState,
+    watch: &conn::Watch,
+    request: Request<Incoming>,
+    started: Instant,
+) -> Response {
+    let route = route_of(request.method(), request.uri().path());
+    let outcome = conn::until_expired(watch, route_request(state, route, request))
+        .await
+        .unwrap_or_else(|| {
+            Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request did not complete within {} ms",
+                    state.config.http.request_timeout_ms
+                ),
+            ))
+        });
+    let response = match outcome {
+        Ok(response) => response,
+        Err(error) => {
+            if route == Route::PostProgress as usize {
+                state.metrics.rejected("http", error.code, 1);
+            }
+            error.into_response()
+        }
+    };
+    let finished = Instant::now();
+    watch.end(finished);
+    state
+        .metrics
+        .observe(route, response.status(), finished - started);
+    response
+}
+
+/// The handler of `route` (an index of [`ROUTES`]); 404/405 for what matches none.
+async fn route_request(
+    state: &AppState,
+    route: usize,
+    request: Request<Incoming>,
+) -> Result<Response, ApiError> {
+    // HEAD is answered like GET (hyper sends the head only), as a GET route must; it keeps
+    // the `other` label in the metrics.
+    let method = request.method();
+    let get = method == Method::GET || method == Method::HEAD;
+    let path = request.uri().path();
+    let route = if method == Method::HEAD {
+        route_of(&Method::GET, path)
+    } else {
+        route
+    };
+    match route {
+        r if r == Route::PostProgress as usize => api::post_progress(state, request).await,
+        r if r == Route::DeleteProgress as usize => api::delete_progress(state, &request).await,
+        r if r == Route::GetStream as usize && get => api::get_stream(state, &request).await,
+        r if r == Route::ContinueWatching as usize && get => {
+            api::continue_watching(state, &request).await
+        }
+        r if r == Route::Metrics as usize && get => Ok(metrics_endpoint(state)),
+        r if r == Route::Healthz as usize && get => Ok(healthz()),
+        r if r == Route::Readyz as usize && get => Ok(readyz(state).await),
+        _ => match path {
+            "/api/v1/stream/progress" => Err(api::method_not_allowed("POST,DELETE")),
+            "/api/v1/stream"
+            | "/api/v1/continue-watching"
+            | "/metrics"
+            | "/healthz"
+            | "/readyz" => Err(api::method_not_allowed("GET,HEAD")),
+            _ => Err(api::not_found()),
+        },
     }
 }
 
@@ -175,18 +227,33 @@ const STATUSES: [u16; 14] = [
 ];
 const PROTOCOLS: [&str; 2] = ["http", "binary"];
 
-fn route_of(method: &axum::http::Method, path: &str) -> usize {
-    use axum::http::Method;
-    match (path, method) {
-        ("/api/v1/stream/progress", &Method::POST) => 0,
-        ("/api/v1/stream/progress", &Method::DELETE) => 1,
-        ("/api/v1/stream", &Method::GET) => 2,
-        ("/api/v1/continue-watching", &Method::GET) => 3,
-        ("/metrics", _) => 4,
-        ("/healthz", _) => 5,
-        ("/readyz", _) => 6,
-        _ => 7,
-    }
+/// Indices of [`ROUTES`].
+#[derive(Clone, Copy)]
+enum Route {
+    PostProgress,
+    DeleteProgress,
+    GetStream,
+    ContinueWatching,
+    Metrics,
+    Healthz,
+    Readyz,
+    Other,
+}
+
+/// The metric label of a request (and, but for the method check of GET routes, its
+/// handler): a match on the exact path, no router.
+fn route_of(method: &Method, path: &str) -> usize {
+    let route = match (path, method) {
+        ("/api/v1/stream/progress", &Method::POST) => Route::PostProgress,
+        ("/api/v1/stream/progress", &Method::DELETE) => Route::DeleteProgress,
+        ("/api/v1/stream", &Method::GET) => Route::GetStream,
+        ("/api/v1/continue-watching", &Method::GET) => Route::ContinueWatching,
+        ("/metrics", _) => Route::Metrics,
+        ("/healthz", _) => Route::Healthz,
+        ("/readyz", _) => Route::Readyz,
+        _ => Route::Other,
+    };
+    route as usize
 }
 
 /// HTTP-side counters and histograms.
@@ -238,45 +305,14 @@ impl HttpMetrics {
     }
 }
 
-/// Times every request, enforces the request timeout, counts by route and status, and
-/// counts refused heartbeats by reason.
-async fn track(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let route = route_of(request.method(), request.uri().path());
-    let started = Instant::now();
-    let limit = Duration::from_millis(state.config.http.request_timeout_ms);
-    let response = match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            format!(
-                "the request did not complete within {} ms",
-                limit.as_millis()
-            ),
-        )
-        .into_response(),
-    };
-    state
-        .metrics
-        .observe(route, response.status(), started.elapsed());
-    if route == 0 && !response.status().is_success() {
-        let reason = response
-            .extensions()
-            .get::<ErrorCode>()
-            .map_or("other", |c| c.0);
-        state.metrics.rejected("http", reason, 1);
-    }
-    response
-}
-
-async fn healthz() -> Response {
+fn healthz() -> Response {
     json_response(StatusCode::OK, serde_json::json!({"status": "alive"}))
 }
 
 /// Ready when the log was replayed (it was, or we would not be serving) and writable, and
 /// says whether the store answers (`ready`) or reads are degraded (`degraded`, still 200:
 /// the service keeps serving from memory and answers position 0 otherwise).
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+async fn readyz(state: &AppState) -> Response {
     let shared = state.engine.shared();
     if let Some(reason) = shared.wal.failing() {
         return json_response(
@@ -301,21 +337,24 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
-    let mut r = (status, body.to_string()).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    respond(status, "application/json", body.to_string().into())
+}
+
+/// A response with `status`, `Content-Type: content_type` and `body`.
+pub(crate) fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response {
+    let mut r = hyper::Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
-async fn metrics_endpoint(State(state): State<Arc<AppState>>) -> Response {
-    let mut r = render(&state).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    r
+fn metrics_endpoint(state: &AppState) -> Response {
+    respond(
+        StatusCode::OK,
+        "text/plain; version=0.0.4",
+        render(state).into(),
+    )
 }
 
 /// Renders every metric (docs/metrics.md) in the Prometheus text format.
