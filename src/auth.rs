@@ -74,6 +74,9 @@ pub struct AuthConfig {
     pub eddsa_public_key_files: Vec<PathBuf>,
     /// Tolerated clock difference for `exp` and `nbf`.
     pub leeway_seconds: u64,
+    /// Verified tokens remembered (0: verify every request in full). Size it to the
+    /// devices one node serves over HTTP: each sends its token every 4 s.
+    pub verified_token_cache: usize,
 }
 
 impl Default for AuthConfig {
@@ -83,6 +86,7 @@ impl Default for AuthConfig {
             rs256_public_key_files: Vec::new(),
             eddsa_public_key_files: Vec::new(),
             leeway_seconds: 30,
+            verified_token_cache: DEFAULT_VERIFIED_TOKENS,
         }
     }
 }
@@ -95,10 +99,13 @@ pub struct KeyError {
     pub detail: String,
 }
 
-/// Tokens remembered after a successful verification, at most (split over
-/// [`CACHE_SHARDS`] shards; a full shard is emptied). Only tokens up to
-/// [`MAX_CACHED_TOKEN_BYTES`] are remembered, so the cache holds at most 32 MiB of tokens.
-const CACHE_TOKENS: usize = 32 * 1024;
+/// Default of `auth.verified_token_cache`: tokens remembered after a successful
+/// verification, split over [`CACHE_SHARDS`] shards (a full shard is emptied). Only tokens
+/// up to [`MAX_CACHED_TOKEN_BYTES`] are remembered. Napkin math: a typical HS256 token of
+/// ~200 bytes plus ~60 bytes of map entry and allocation is ~260 bytes, so 256 Ki tokens
+/// take ~65 MiB (256 MiB if every token were 1 KiB); only tokens that verified are kept,
+/// so a client cannot fill it with garbage.
+pub const DEFAULT_VERIFIED_TOKENS: usize = 256 * 1024;
 const CACHE_SHARDS: usize = 16;
 const MAX_CACHED_TOKEN_BYTES: usize = 1024;
 
@@ -114,6 +121,8 @@ type TokenCache = hashbrown::HashMap<Box<str>, (Principal, u64), foldhash::fast:
 /// accept a token that verification would refuse, except by the time elapsed (`exp`).
 pub struct Verifier {
     cache: Vec<parking_lot::Mutex<TokenCache>>,
+    /// Tokens one cache shard holds at most; 0 disables the cache.
+    tokens_per_shard: usize,
     hs256: Option<DecodingKey>,
     rs256: Vec<DecodingKey>,
     eddsa: Vec<DecodingKey>,
@@ -158,6 +167,7 @@ impl Verifier {
         }
         Ok(Self {
             cache: (0..CACHE_SHARDS).map(|_| Default::default()).collect(),
+            tokens_per_shard: config.verified_token_cache.div_ceil(CACHE_SHARDS),
             hs256,
             rs256,
             eddsa,
@@ -194,7 +204,7 @@ impl Verifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::TooLong);
         }
-        let cacheable = token.len() <= MAX_CACHED_TOKEN_BYTES;
+        let cacheable = token.len() <= MAX_CACHED_TOKEN_BYTES && self.tokens_per_shard > 0;
         let shard = &self.cache[foldhash_shard(token)];
         if cacheable {
             let now_s = crate::model::now_ms() / 1_000;
@@ -210,7 +220,7 @@ impl Verifier {
         let (principal, exp) = self.verify_uncached(token)?;
         if cacheable {
             let mut cached = shard.lock();
-            if cached.len() >= CACHE_TOKENS / CACHE_SHARDS {
+            if cached.len() >= self.tokens_per_shard {
                 cached.clear();
             }
             cached.insert(token.into(), (principal, exp));
@@ -353,6 +363,35 @@ mod tests {
         let last = forged.len() - 1;
         forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
         assert!(v.verify(std::str::from_utf8(&forged).unwrap()).is_err());
+    }
+
+    #[test]
+    fn any_cache_size_gives_the_same_answers() {
+        for entries in [0, 1, 100] {
+            let v = Verifier::from_config(&AuthConfig {
+                verified_token_cache: entries,
+                ..AuthConfig::default()
+            })
+            .unwrap();
+            // More tokens than the cache holds, each asked twice, interleaved.
+            let tokens: Vec<String> = (0..300)
+                .map(|i| mint_hs256(DEV_SECRET, i, 1, 60).unwrap())
+                .collect();
+            for round in 0..2 {
+                for (i, t) in tokens.iter().enumerate() {
+                    let p = v
+                        .verify(t)
+                        .unwrap_or_else(|e| panic!("{entries}/{round}: {e}"));
+                    assert_eq!(p.account_id, i as u64);
+                }
+            }
+            let held: usize = v.cache.iter().map(|shard| shard.lock().len()).sum();
+            assert!(
+                held <= entries.div_ceil(CACHE_SHARDS) * CACHE_SHARDS,
+                "{held}"
+            );
+            assert!(v.verify(&format!("{}x", tokens[0])).is_err());
+        }
     }
 
     #[test]

@@ -658,6 +658,12 @@ impl Config {
             self.auth.leeway_seconds <= 3_600,
             "at most 3600",
         )?;
+        check(
+            "auth.verified_token_cache",
+            self.auth.verified_token_cache,
+            self.auth.verified_token_cache <= 16 << 20,
+            "at most 16777216 (0 disables it)",
+        )?;
         let c = &self.coalescer;
         check(
             "coalescer.shards",
