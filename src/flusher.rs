@@ -111,7 +111,14 @@ async fn write_frozen(
 ) -> Result<(), FlushError> {
     let cfg = &shared.config.flush;
     let mut in_flight: JoinSet<Result<usize, FlushError>> = JoinSet::new();
-    let mut records = frozen.records();
+    // Key order turns every batch into one dense key range, which the embedded store
+    // merge-joins against its rows (BENCHMARKS.md); otherwise the coalescer's hash order.
+    let mut records: Box<dyn Iterator<Item = Record> + Send + '_> =
+        if shared.store.prefers_key_ordered_batches() {
+            Box::new(frozen.records_in_key_order().await.into_iter())
+        } else {
+            Box::new(frozen.records())
+        };
     loop {
         let batch: Vec<Record> = records.by_ref().take(cfg.batch_rows).collect();
         let exhausted = batch.len() < cfg.batch_rows;

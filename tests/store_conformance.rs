@@ -1,6 +1,7 @@
 //! Runs the one store conformance suite (`tests/conformance/mod.rs`) against every store:
 //! the embedded fjall store always, the same store behind the fault-injecting decorator with
-//! faults off (it must be transparent), and Cassandra when `PLAYHEAD_TEST_CASSANDRA` is set.
+//! faults off (it must be transparent), the embedded store with each of its non-default
+//! read strategies (point reads only, merge-joins only), and Cassandra when `PLAYHEAD_TEST_CASSANDRA` is set.
 
 mod conformance;
 
@@ -8,11 +9,21 @@ use std::sync::Arc;
 
 use conformance::Subject;
 use playhead::config::{Config, ReplicationStrategy, StoreKind};
-use playhead::store::{CassandraStore, EmbeddedStore, FaultyStore};
+use playhead::store::{CassandraStore, EmbeddedStore, FaultyStore, LwwReads};
 
 async fn embedded() -> Option<Subject> {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(dir.path(), 8 << 20).unwrap();
+    Some(Subject {
+        store: Arc::new(store),
+        purges_rows: true,
+        _guard: Box::new(dir),
+    })
+}
+
+async fn embedded_reading(reads: LwwReads) -> Option<Subject> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open_with_reads(dir.path(), 8 << 20, reads).unwrap();
     Some(Subject {
         store: Arc::new(store),
         purges_rows: true,
@@ -66,5 +77,13 @@ async fn cassandra() -> Option<Subject> {
 }
 
 conformance_suite!(embedded_store, embedded());
+conformance_suite!(
+    embedded_store_point_reads,
+    embedded_reading(LwwReads::Point)
+);
+conformance_suite!(
+    embedded_store_merge_joins,
+    embedded_reading(LwwReads::MergeJoin)
+);
 conformance_suite!(faulty_store_passthrough, faulty_embedded());
 conformance_suite!(cassandra_store, cassandra());

@@ -130,6 +130,10 @@ impl<S: Store> Store for FaultyStore<S> {
         self.inner.purge_older_than(cutoff_ms).await
     }
 
+    fn prefers_key_ordered_batches(&self) -> bool {
+        self.inner.prefers_key_ordered_batches()
+    }
+
     fn render_metrics(&self, out: &mut String) {
         self.inner.render_metrics(out);
     }
@@ -181,6 +185,10 @@ impl Store for Arc<dyn Store> {
 
     async fn purge_older_than(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
         (**self).purge_older_than(cutoff_ms).await
+    }
+
+    fn prefers_key_ordered_batches(&self) -> bool {
+        (**self).prefers_key_ordered_batches()
     }
 
     fn render_metrics(&self, out: &mut String) {

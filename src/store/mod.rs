@@ -17,7 +17,7 @@ pub mod embedded;
 pub mod faulty;
 
 pub use cassandra::CassandraStore;
-pub use embedded::EmbeddedStore;
+pub use embedded::{EmbeddedStore, LwwReads};
 pub use faulty::{FaultSwitch, FaultyStore};
 
 /// What can go wrong talking to a store. Callers treat every variant as retryable for
@@ -77,6 +77,13 @@ pub trait Store: Send + Sync + 'static {
     /// Removes every value and tombstone last updated before `cutoff_ms` and returns how
     /// many rows it removed. Stores with native expiry (TTL) may return `Ok(0)`.
     async fn purge_older_than(&self, cutoff_ms: u64) -> Result<u64, StoreError>;
+
+    /// True when the store writes a batch faster if batches arrive in key order, each one a
+    /// contiguous key range (the embedded store merge-joins them against its rows). The
+    /// flusher then sorts the whole frozen set before cutting it into batches.
+    fn prefers_key_ordered_batches(&self) -> bool {
+        false
+    }
 
     /// Appends the store's own metrics (Prometheus text format) to `out`; called by the
     /// `/metrics` renderer. Stores without metrics of their own keep the default.
