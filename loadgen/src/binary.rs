@@ -17,6 +17,15 @@ use crate::report::{latency_start, Live, TaskStats, Window};
 use crate::workload::{Expected, LoadTitle, Outcome};
 use crate::Args;
 
+/// Resolves at `due`; at once when `due` is not after `now`. A tokio sleep always waits for
+/// the timer's next millisecond tick, even for a deadline already passed — which capped a
+/// closed-loop connection at one batch per millisecond.
+async fn until(due: Instant, now: Instant) {
+    if due > now {
+        sleep_until(due.into()).await;
+    }
+}
+
 /// Replies still awaited after the run ends are given up after this.
 const DRAIN: Duration = Duration::from_secs(10);
 
@@ -159,7 +168,7 @@ async fn max_connection(
                     }
                 }
             }
-            _ = sleep_until(due.into()), if can_send => {
+            _ = until(due, now), if can_send => {
                 let (frame_index, round, intended) = match resend.pop_front() {
                     Some((f, r)) => (f, r, Instant::now()),
                     None => {
@@ -324,7 +333,7 @@ async fn fleet_connection(
                 }
                 pool.push(records);
             }
-            _ = sleep_until(intended.into()), if can_send => {
+            _ = until(intended, now), if can_send => {
                 let now_ms = playhead::model::now_ms();
                 let start = latency_start(intended, Instant::now());
                 due_records.clear();
