@@ -198,6 +198,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let binary_server = binary_listener.map(|(listener, _)| {
         tokio::spawn(playhead::binary::serve(listener, state, listeners_stopped))
     });
+    let stop = stop_signal()?;
     tracing::info!(
         http = %http_addr,
         binary = %binary_addr,
@@ -206,7 +207,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         flush_interval_ms = config.flush.interval_ms,
         "playhead running; SIGTERM or SIGINT stops it"
     );
-    wait_for_signal().await?;
+    stop.await;
     tracing::info!(
         "shutting down: finishing requests, flushing the coalescer, syncing the commit log"
     );
@@ -255,15 +256,19 @@ fn warn_if_exposed(config: &Config, verifier: &Verifier, addr: std::net::SocketA
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Installs the SIGTERM and SIGINT handlers and returns a future that ends at the first
+/// of them. Installed before the server says it is running: a signal that arrives between
+/// that line and the handlers would otherwise kill the process without its shutdown.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 fn init_tracing(level: &str) {
