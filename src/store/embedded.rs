@@ -50,6 +50,14 @@ const MERGE_EXTRA_ROWS_PER_KEY: usize = 4;
 /// bloom-filtered tables quickly. Measured in benches/flush.rs (BENCHMARKS.md).
 const MEMTABLE_BYTES: u64 = 4 << 20;
 
+/// Level-0 tables gathered before they are compacted into level 1 (fjall's default: 4).
+/// Every flush rewrites each dirty key, so under heavy ingest the whole data set is
+/// rewritten every few seconds and compaction takes a large share of the CPU; gathering
+/// more small tables per compaction rewrites level 1 less often. `max` with 1 M keys,
+/// alternated in one run: 3.26–3.53 M heartbeats/s at 12 vs 2.50–2.68 M/s at 4, reads
+/// unchanged (BENCHMARKS.md). fjall stalls writes at 20 level-0 tables; 12 leaves room.
+const L0_THRESHOLD: u8 = 12;
+
 /// How a write batch reads the rows it compares against. Only tests and benches choose;
 /// the server always runs [`LwwReads::Adaptive`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -97,7 +105,11 @@ impl EmbeddedStore {
             .map_err(|e| io_error(&format!("opening fjall database {}", dir.display()), e))?;
         let positions = db
             .keyspace("positions", || {
-                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+                KeyspaceCreateOptions::default()
+                    .max_memtable_size(MEMTABLE_BYTES)
+                    .compaction_strategy(Arc::new(
+                        fjall::compaction::Leveled::default().with_l0_threshold(L0_THRESHOLD),
+                    ))
             })
             .map_err(|e| io_error("opening keyspace `positions`", e))?;
         Ok(Self {
