@@ -135,7 +135,7 @@ async fn handle(
     let response = match outcome {
         Ok(response) => response,
         Err(error) => {
-            if route == Route::PostProgress as usize {
+            if matches!(route, Route::PostProgress) {
                 state.metrics.rejected("http", error.code, 1);
             }
             error.into_response()
@@ -145,14 +145,14 @@ async fn handle(
     watch.end(finished);
     state
         .metrics
-        .observe(route, response.status(), finished - started);
+        .observe(route as usize, response.status(), finished - started);
     response
 }
 
-/// The handler of `route` (an index of [`ROUTES`]); 404/405 for what matches none.
+/// The handler of `route`; 404/405 for what matches none.
 async fn route_request(
     state: &AppState,
-    route: usize,
+    route: Route,
     request: Request<Incoming>,
 ) -> Result<Response, ApiError> {
     // HEAD is answered like GET (hyper sends the head only), as a GET route must; it keeps
@@ -166,22 +166,18 @@ async fn route_request(
         route
     };
     match route {
-        r if r == Route::PostProgress as usize => api::post_progress(state, request).await,
-        r if r == Route::DeleteProgress as usize => api::delete_progress(state, &request).await,
-        r if r == Route::GetStream as usize && get => api::get_stream(state, &request).await,
-        r if r == Route::ContinueWatching as usize && get => {
-            api::continue_watching(state, &request).await
-        }
-        r if r == Route::Metrics as usize && get => Ok(metrics_endpoint(state)),
-        r if r == Route::Healthz as usize && get => Ok(healthz()),
-        r if r == Route::Readyz as usize && get => Ok(readyz(state).await),
+        Route::PostProgress => api::post_progress(state, request).await,
+        Route::DeleteProgress => api::delete_progress(state, &request).await,
+        Route::GetStream if get => api::get_stream(state, &request).await,
+        Route::ContinueWatching if get => api::continue_watching(state, &request).await,
+        Route::Metrics if get => Ok(metrics_endpoint(state)),
+        Route::Healthz if get => Ok(healthz()),
+        Route::Readyz if get => Ok(readyz(state).await),
         _ => match path {
-            "/api/v1/stream/progress" => Err(api::method_not_allowed("POST,DELETE")),
-            "/api/v1/stream"
-            | "/api/v1/continue-watching"
-            | "/metrics"
-            | "/healthz"
-            | "/readyz" => Err(api::method_not_allowed("GET,HEAD")),
+            PROGRESS_PATH => Err(api::method_not_allowed("POST,DELETE")),
+            STREAM_PATH | CONTINUE_WATCHING_PATH | METRICS_PATH | HEALTHZ_PATH | READYZ_PATH => {
+                Err(api::method_not_allowed("GET,HEAD"))
+            }
             _ => Err(api::not_found()),
         },
     }
@@ -227,7 +223,15 @@ const STATUSES: [u16; 14] = [
 ];
 const PROTOCOLS: [&str; 2] = ["http", "binary"];
 
-/// Indices of [`ROUTES`].
+/// The paths served; [`route_of`] and the 405 answers of [`route_request`] share them.
+const PROGRESS_PATH: &str = "/api/v1/stream/progress";
+const STREAM_PATH: &str = "/api/v1/stream";
+const CONTINUE_WATCHING_PATH: &str = "/api/v1/continue-watching";
+const METRICS_PATH: &str = "/metrics";
+const HEALTHZ_PATH: &str = "/healthz";
+const READYZ_PATH: &str = "/readyz";
+
+/// A request's route; as `usize`, its index in [`ROUTES`].
 #[derive(Clone, Copy)]
 enum Route {
     PostProgress,
@@ -242,18 +246,17 @@ enum Route {
 
 /// The metric label of a request (and, but for the method check of GET routes, its
 /// handler): a match on the exact path, no router.
-fn route_of(method: &Method, path: &str) -> usize {
-    let route = match (path, method) {
-        ("/api/v1/stream/progress", &Method::POST) => Route::PostProgress,
-        ("/api/v1/stream/progress", &Method::DELETE) => Route::DeleteProgress,
-        ("/api/v1/stream", &Method::GET) => Route::GetStream,
-        ("/api/v1/continue-watching", &Method::GET) => Route::ContinueWatching,
-        ("/metrics", _) => Route::Metrics,
-        ("/healthz", _) => Route::Healthz,
-        ("/readyz", _) => Route::Readyz,
+fn route_of(method: &Method, path: &str) -> Route {
+    match (path, method) {
+        (PROGRESS_PATH, &Method::POST) => Route::PostProgress,
+        (PROGRESS_PATH, &Method::DELETE) => Route::DeleteProgress,
+        (STREAM_PATH, &Method::GET) => Route::GetStream,
+        (CONTINUE_WATCHING_PATH, &Method::GET) => Route::ContinueWatching,
+        (METRICS_PATH, _) => Route::Metrics,
+        (HEALTHZ_PATH, _) => Route::Healthz,
+        (READYZ_PATH, _) => Route::Readyz,
         _ => Route::Other,
-    };
-    route as usize
+    }
 }
 
 /// HTTP-side counters and histograms.
