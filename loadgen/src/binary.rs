@@ -247,15 +247,7 @@ pub async fn run_fleet(
     for c in 0..connections {
         let (args, titles, live) = (args.clone(), Arc::clone(titles), Arc::clone(live));
         tasks.spawn(async move {
-            let fleet = Fleet::new(
-                c,
-                connections,
-                args.viewers,
-                args.profiles_per_household,
-                Duration::from_secs_f64(args.heartbeat_secs),
-                args.account_base,
-                &titles,
-            );
+            let fleet = Fleet::for_connection(&args, c, connections, &titles);
             fleet_connection(&args, &titles, &live, window, fleet).await
         });
     }

@@ -57,6 +57,25 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    /// [`Fleet::new`] with the command line's fleet shape (`--viewers`,
+    /// `--profiles-per-household`, `--heartbeat-secs`, `--account-base`).
+    pub fn for_connection(
+        args: &crate::Args,
+        connection: u64,
+        connections: u64,
+        titles: &[LoadTitle],
+    ) -> Self {
+        Self::new(
+            connection,
+            connections,
+            args.viewers,
+            args.profiles_per_household,
+            Duration::from_secs_f64(args.heartbeat_secs),
+            args.account_base,
+            titles,
+        )
+    }
+
     /// The viewers of households `h` with `h % connections == connection`.
     pub fn new(
         connection: u64,

@@ -319,15 +319,7 @@ async fn connection(
     connections: u64,
 ) -> anyhow::Result<(TaskStats, Vec<Expected>, u64)> {
     if args.workload == Workload::Fleet {
-        let fleet = Fleet::new(
-            c,
-            connections,
-            args.viewers,
-            args.profiles_per_household,
-            Duration::from_secs_f64(args.heartbeat_secs),
-            args.account_base,
-            titles,
-        );
+        let fleet = Fleet::for_connection(args, c, connections, titles);
         return fleet_connection(args, titles, live, window, fleet).await;
     }
     keyed_connection(args, titles, live, window, c, connections).await
