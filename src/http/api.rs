@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, HeaderMap, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::Request;
 use serde::{Deserialize, Serialize};
@@ -135,9 +135,9 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// The whole body, refused with 413 as soon as it is known to exceed `limit` bytes (from
-/// `Content-Length` before any of it is read, else as chunks arrive). A body that arrives
-/// in one piece (the usual heartbeat) is taken without a copy.
-async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
+/// `Content-Length` before any of it is read, else as chunks arrive: `Limited`). A body
+/// that arrives in one piece (the usual heartbeat) is taken without a copy.
+async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -148,34 +148,14 @@ async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, ApiError> 
     if body.size_hint().lower() > limit as u64 {
         return Err(too_large());
     }
-    let mut first: Option<Bytes> = None;
-    let mut more = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            ApiError::bad_request("bad_body", format!("reading the body failed: {e}"))
-        })?;
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers
-        };
-        let so_far = first.as_ref().map_or(0, Bytes::len) + more.len();
-        if so_far + data.len() > limit {
-            return Err(too_large());
-        }
-        match &first {
-            None => first = Some(data),
-            Some(_) => more.extend_from_slice(&data),
-        }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(
+            "bad_body",
+            format!("reading the body failed: {e}"),
+        )),
     }
-    Ok(match first {
-        None => Bytes::new(),
-        Some(first) if more.is_empty() => first,
-        Some(first) => {
-            let mut whole = BytesMut::with_capacity(first.len() + more.len());
-            whole.extend_from_slice(&first);
-            whole.extend_from_slice(&more);
-            whole.freeze()
-        }
-    })
 }
 
 fn parse_body(bytes: &[u8]) -> Result<ProgressBody, ApiError> {
