@@ -282,12 +282,21 @@ impl Tokens {
             if self.cache.len() >= 1_000_000 {
                 self.cache.clear();
             }
-            let token =
-                playhead::auth::mint_hs256(&self.secret, account_id, profile_id, 24 * 3600)?;
+            let token = mint(&self.secret, account_id, profile_id)?;
             self.cache.insert((account_id, profile_id), token);
         }
         Ok(&self.cache[&(account_id, profile_id)])
     }
+}
+
+/// A token for one profile, valid for a day: longer than any run.
+fn mint(secret: &str, account_id: u64, profile_id: u64) -> anyhow::Result<String> {
+    Ok(playhead::auth::mint_hs256(
+        secret,
+        account_id,
+        profile_id,
+        24 * 3600,
+    )?)
 }
 
 fn device_name(device_id: u32) -> String {
@@ -447,15 +456,8 @@ async fn keyed_connection(
             let title = &titles[(k % titles.len() as u64) as usize];
             let token = match &mut tokens[(k - lo) as usize] {
                 Some(t) => t,
-                slot => slot.insert(
-                    playhead::auth::mint_hs256(
-                        &args.hs256_secret,
-                        args.account_base + k,
-                        1,
-                        24 * 3600,
-                    )?
-                    .into_boxed_str(),
-                ),
+                slot => slot
+                    .insert(mint(&args.hs256_secret, args.account_base + k, 1)?.into_boxed_str()),
             };
             let write = args.workload == Workload::Max || rng.random_bool(write_ratio);
             let write = if write {
