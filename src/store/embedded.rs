@@ -97,6 +97,16 @@ fn io_error(context: &str, error: impl std::fmt::Display) -> StoreError {
 impl EmbeddedStore {
     /// Opens (or creates) the store under `dir` with a block cache of `cache_bytes`.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        Self::open_with_reads(dir, cache_bytes, LwwReads::default())
+    }
+
+    /// Opens the store like [`EmbeddedStore::open`] with a chosen read strategy, for tests
+    /// and benches that compare strategies.
+    pub fn open_with_reads(
+        dir: &Path,
+        cache_bytes: u64,
+        reads: LwwReads,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| io_error(&format!("creating {}", dir.display()), e))?;
         let db = Database::builder(dir)
@@ -117,23 +127,9 @@ impl EmbeddedStore {
                 db,
                 positions,
                 writer: Mutex::new(()),
-                reads: LwwReads::default(),
+                reads,
             }),
         })
-    }
-
-    /// Opens the store like [`EmbeddedStore::open`] with a chosen read strategy, for tests
-    /// and benches that compare strategies.
-    pub fn open_with_reads(
-        dir: &Path,
-        cache_bytes: u64,
-        reads: LwwReads,
-    ) -> Result<Self, StoreError> {
-        let mut store = Self::open(dir, cache_bytes)?;
-        Arc::get_mut(&mut store.inner)
-            .expect("a freshly opened store has one handle")
-            .reads = reads;
-        Ok(store)
     }
 
     /// Bytes the store occupies on disk (tables and journal).
