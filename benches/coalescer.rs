@@ -65,6 +65,22 @@ fn upsert(c: &mut Criterion) {
         })
     });
 
+    // One flush interval's ingest-side work when every key is rewritten each interval (as
+    // `playhead-loadgen max` does): 1 M upserts into the fresh active tables, then the
+    // flush's freeze and release (the store write itself is benches/flush.rs).
+    let cycling = Coalescer::new(64, 4 * KEYS as usize);
+    group.bench_function("1M_keys_then_freeze_and_release", |b| {
+        b.iter(|| {
+            let batch = &batches[round % batches.len()];
+            round += 1;
+            for chunk in batch.chunks(1024) {
+                black_box(cycling.upsert_batch(chunk).unwrap());
+            }
+            let frozen = cycling.freeze();
+            cycling.release(frozen);
+        })
+    });
+
     let shared = Arc::new(Coalescer::new(64, 4 * KEYS as usize));
     let halves: Arc<Vec<Vec<Record>>> = Arc::new(batches);
     group.bench_function("2_threads_1M_keys", |b| {
