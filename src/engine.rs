@@ -379,14 +379,29 @@ impl Engine {
     }
 
     /// Starts the flush cadence, the retention purge and the commit-log guard (snapshots
-    /// when the log outgrows `wal.snapshot_after_bytes`).
-    pub fn spawn_background(&self) -> Background {
+    /// when the log outgrows `wal.snapshot_after_bytes`) on a runtime of their own whose
+    /// threads — its worker and the blocking threads their store writes and sorts run on —
+    /// have a lower CPU priority than the request path ([`crate::priority`]).
+    pub fn spawn_background(&self) -> std::io::Result<Background> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("playhead-bg")
+            .on_thread_start(crate::priority::lower_current_thread)
+            // Timers only. With the I/O driver this runtime would also drive tokio's
+            // process-wide signal pipe, and could take the SIGTERM byte the main runtime's
+            // `stop_signal` waits for (a hang seen in tests/serve.rs). Store clients' sockets
+            // belong to the main runtime; the loops here only await their futures.
+            .enable_time()
+            .build()?;
         let handles = vec![
-            tokio::spawn(flusher::flush_loop(Arc::clone(&self.shared))),
-            tokio::spawn(flusher::purge_loop(Arc::clone(&self.shared))),
-            tokio::spawn(flusher::log_guard_loop(Arc::clone(&self.shared))),
+            runtime.spawn(flusher::flush_loop(Arc::clone(&self.shared))),
+            runtime.spawn(flusher::purge_loop(Arc::clone(&self.shared))),
+            runtime.spawn(flusher::log_guard_loop(Arc::clone(&self.shared))),
         ];
-        Background { handles }
+        Ok(Background {
+            handles,
+            runtime: Some(runtime),
+        })
     }
 
     /// Graceful shutdown: stops the background loops, flushes everything the coalescer
@@ -418,17 +433,51 @@ impl Engine {
     }
 }
 
-/// The engine's background tasks; they end when shutdown is signalled.
+/// The engine's background tasks and their runtime; the tasks end when shutdown is
+/// signalled.
 pub struct Background {
     handles: Vec<JoinHandle<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Background {
-    async fn join(self) {
-        for h in self.handles {
+    async fn join(mut self) {
+        for h in std::mem::take(&mut self.handles) {
             if let Err(e) = h.await {
                 tracing::error!("background task failed: {e}");
             }
         }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks until its tasks stop, which tokio forbids inside
+        // another runtime; this one's tasks have ended (or are abandoned with the engine).
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EmbeddedStore;
+
+    /// Background loops that first run after shutdown was signalled (their low-priority
+    /// runtime starved of CPU, say) still stop: each waits for the flag, not for a change.
+    #[tokio::test]
+    async fn background_loops_started_after_shutdown_still_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.server.data_dir = dir.path().to_path_buf();
+        let store = EmbeddedStore::open(&config.embedded_store_dir(), 1 << 20).unwrap();
+        let (engine, _) = Engine::open(config, Arc::new(store)).unwrap();
+        engine.shared.shutdown.send_replace(true);
+        let background = engine.spawn_background().unwrap();
+        tokio::time::timeout(Duration::from_secs(20), engine.shutdown(Some(background)))
+            .await
+            .expect("shutdown waited for background loops that never saw the flag");
     }
 }

@@ -238,6 +238,9 @@ impl Backoff {
 /// The flush cadence: a cycle every `flush.interval_ms` (a slow cycle delays the next one
 /// rather than overlapping it).
 pub async fn flush_loop(shared: Arc<Shared>) {
+    // Each loop waits for the flag itself (`wait_for`), not for a change: a loop that first
+    // runs after shutdown was signalled (its runtime starved of CPU, say) subscribes to the
+    // already-set flag and would never see a change.
     let mut shutdown = shared.shutdown.subscribe();
     let mut tick = tokio::time::interval(Duration::from_millis(shared.config.flush.interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -245,7 +248,7 @@ pub async fn flush_loop(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait_for(|stop| *stop) => return,
         }
         if *shutdown.borrow() {
             return;
@@ -267,7 +270,7 @@ pub async fn purge_loop(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait_for(|stop| *stop) => return,
         }
         let cutoff = model::now_ms().saturating_sub(shared.config.retention_ms());
         match shared.store.purge_older_than(cutoff).await {
@@ -294,7 +297,7 @@ pub async fn log_guard_loop(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(LOG_GUARD_EVERY) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait_for(|stop| *stop) => return,
         }
         let on_disk = shared
             .wal

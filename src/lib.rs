@@ -16,6 +16,7 @@ pub mod http;
 pub mod keymap;
 pub mod metrics;
 pub mod model;
+pub mod priority;
 pub mod protocol;
 pub mod store;
 pub mod wal;

@@ -184,7 +184,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let (engine, _) = Engine::open(config.clone(), store)
         .with_context(|| format!("opening the commit log in {}", config.wal_dir().display()))?;
-    let background = engine.spawn_background();
+    let background = engine
+        .spawn_background()
+        .context("starting the background runtime")?;
     let state = Arc::new(AppState::new(engine.clone(), catalog, verifier));
     let (stop_listeners, listeners_stopped) = tokio::sync::watch::channel(false);
     let http_server = tokio::spawn(http::serve(
