@@ -416,7 +416,7 @@ impl Coalescer {
     /// Panics if the previous [`Frozen`] was not released: flushes are sequential.
     pub fn freeze(&self) -> Frozen {
         let mut maps = Vec::new();
-        // Spares too big or too small for their shard's load, freed after the loop.
+        // Spares that do not suit their shard's load, freed after the loop.
         let mut unsuitable = Vec::new();
         for (index, cell) in self.shards.iter().enumerate() {
             let mut shard = cell.lock();
@@ -425,6 +425,8 @@ impl Coalescer {
                 "freeze while a flush is still running"
             );
             if shard.active.is_empty() {
+                // Nothing dirtied this interval: the load fell to zero, so does the spare.
+                unsuitable.extend(shard.spare.take());
                 continue;
             }
             let keys = shard.active.len();
@@ -670,6 +672,10 @@ mod tests {
             assert!(c.is_empty(), "cycle {cycle}: released keys stay in memory");
             assert_eq!(c.get(&Key::new(1, 1, keys[0])), None);
         }
+        // A cycle with nothing to flush frees the spares: an idle coalescer holds no tables
+        // sized for a past load.
+        c.release(c.freeze());
+        assert!(c.shards.iter().all(|s| s.lock().spare.is_none()));
     }
 
     #[test]
