@@ -387,10 +387,9 @@ impl Engine {
             .worker_threads(1)
             .thread_name("playhead-bg")
             .on_thread_start(crate::priority::lower_current_thread)
-            // Timers only. With the I/O driver this runtime would also drive tokio's
-            // process-wide signal pipe, and could take the SIGTERM byte the main runtime's
-            // `stop_signal` waits for (a hang seen in tests/serve.rs). Store clients' sockets
-            // belong to the main runtime; the loops here only await their futures.
+            // Timers only: the loops sleep and await store futures whose sockets (the
+            // Cassandra driver's connections) belong to the main runtime. A second I/O
+            // driver would only add a second reader of tokio's process-wide signal pipe.
             .enable_time()
             .build()?;
         let handles = vec![
