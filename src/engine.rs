@@ -387,10 +387,10 @@ impl Engine {
             .worker_threads(1)
             .thread_name("playhead-bg")
             .on_thread_start(crate::priority::lower_current_thread)
-            // Timers only: the loops sleep and await store futures whose sockets (the
-            // Cassandra driver's connections) belong to the main runtime. A second I/O
-            // driver would only add a second reader of tokio's process-wide signal pipe.
-            .enable_time()
+            // Timers and I/O: the loops await store futures, and a store client may open
+            // sockets from within them (the Cassandra driver opens its connections on the
+            // runtime that built the session, but nothing guarantees that).
+            .enable_all()
             .build()?;
         let handles = vec![
             runtime.spawn(flusher::flush_loop(Arc::clone(&self.shared))),
