@@ -26,6 +26,13 @@ fn records(seed: u64, at: u64) -> Vec<Record> {
     out
 }
 
+/// The ingest path's form: `records` upserted in batches of 1024.
+fn upsert_in_batches_of_1024(coalescer: &Coalescer, records: &[Record]) {
+    for chunk in records.chunks(1024) {
+        black_box(coalescer.upsert_batch(chunk).unwrap());
+    }
+}
+
 fn upsert(c: &mut Criterion) {
     let mut group = c.benchmark_group("coalescer_upsert");
     group.throughput(Throughput::Elements(KEYS));
@@ -57,11 +64,8 @@ fn upsert(c: &mut Criterion) {
     // The ingest path's form: batches of 1024.
     group.bench_function("1_thread_1M_keys_batches_of_1024", |b| {
         b.iter(|| {
-            let batch = &batches[round % batches.len()];
+            upsert_in_batches_of_1024(&coalescer, &batches[round % batches.len()]);
             round += 1;
-            for chunk in batch.chunks(1024) {
-                black_box(coalescer.upsert_batch(chunk).unwrap());
-            }
         })
     });
 
@@ -71,11 +75,8 @@ fn upsert(c: &mut Criterion) {
     let cycling = Coalescer::new(64, 4 * KEYS as usize);
     group.bench_function("1M_keys_then_freeze_and_release", |b| {
         b.iter(|| {
-            let batch = &batches[round % batches.len()];
+            upsert_in_batches_of_1024(&cycling, &batches[round % batches.len()]);
             round += 1;
-            for chunk in batch.chunks(1024) {
-                black_box(cycling.upsert_batch(chunk).unwrap());
-            }
             let frozen = cycling.freeze();
             cycling.release(frozen);
         })
