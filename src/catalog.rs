@@ -16,10 +16,11 @@ pub const MAX_TITLE_ID_BYTES: usize = 128;
 /// A catalog that could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("cannot read catalog {path}: {source}")]
+    /// The reason is in the message, not the error chain, so `{:#}` names it once.
+    #[error("cannot read catalog {path}: {reason}")]
     Read {
         path: String,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("catalog {path} is not valid: {detail}")]
     Parse { path: String, detail: String },
@@ -81,9 +82,9 @@ pub fn title_id_of(id: &str) -> u64 {
 impl Catalog {
     /// Reads and validates a TOML catalog file.
     pub fn load(path: &Path) -> Result<Self, CatalogError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
+        let text = std::fs::read_to_string(path).map_err(|reason| CatalogError::Read {
             path: path.display().to_string(),
-            source,
+            reason,
         })?;
         Self::parse(&text).map_err(|e| match e {
             CatalogError::Parse { detail, .. } => CatalogError::Parse {
