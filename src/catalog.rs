@@ -203,6 +203,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_missing_file_is_named_with_its_reason_once() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/no-such-catalog.toml");
+        let error = anyhow::Error::from(Catalog::load(&path).unwrap_err());
+        let shown = format!("{error:#}");
+        assert!(shown.contains("no-such-catalog.toml"), "{shown}");
+        assert_eq!(shown.matches("os error 2").count(), 1, "{shown}");
+    }
+
+    #[test]
     fn shipped_sample_loads_with_a_film_and_a_series() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/catalog.toml");
         let c = Catalog::load(&path).unwrap();
