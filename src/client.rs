@@ -21,7 +21,9 @@ const MAX_REPLY_BYTES: u32 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("I/O: {0}")]
+    /// Shown as the I/O error itself, whose message already names the reason, so `{:#}`
+    /// does not repeat it.
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("the server closed the connection")]
     Closed,
@@ -232,5 +234,23 @@ impl Receiver {
                 return Err(ClientError::Closed);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_connection_names_its_reason_once() {
+        // A port that was just free: nothing listens there any more.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let Err(error) = Client::connect(addr, b"secret").await else {
+            panic!("connected to a closed port");
+        };
+        let shown = format!("{:#}", anyhow::Error::from(error));
+        assert_eq!(shown.matches("os error").count(), 1, "{shown}");
     }
 }

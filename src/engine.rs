@@ -35,7 +35,7 @@ pub enum WriteError {
     /// The coalescer or the log buffer is full: retry after a short delay.
     #[error(transparent)]
     Overloaded(#[from] Overloaded),
-    #[error("{0}")]
+    #[error(transparent)]
     Log(#[from] WalError),
 }
 
