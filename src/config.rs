@@ -57,6 +57,10 @@ pub struct ServerConfig {
     pub worker_threads: usize,
     /// `tracing` filter, e.g. `info` or `playhead=debug`. `RUST_LOG` overrides it.
     pub log_level: String,
+    /// Nice levels below the process at which background work runs (flush cycles, purge,
+    /// log snapshots, the embedded store's compaction); 0 runs it at the process's
+    /// priority. See `crate::priority`.
+    pub background_nice: i32,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +69,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./data"),
             worker_threads: 0,
             log_level: "info".into(),
+            background_nice: crate::priority::DEFAULT_BACKGROUND_NICE,
         }
     }
 }
@@ -531,6 +536,12 @@ impl Config {
             self.server.worker_threads,
             self.server.worker_threads <= 1_024,
             "between 0 (one per core) and 1024",
+        )?;
+        check(
+            "server.background_nice",
+            self.server.background_nice,
+            (0..=19).contains(&self.server.background_nice),
+            "between 0 (background at the process's priority) and 19",
         )?;
         let h = &self.http;
         check(
@@ -1029,6 +1040,15 @@ mod tests {
             err,
             "configuration key `coalescer.shards` has value `12`, expected a power of two between 1 and 65536"
         );
+        let err = Config::load(None, env(&[("PLAYHEAD_SERVER__BACKGROUND_NICE", "20")]))
+            .expect_err("must fail")
+            .to_string();
+        assert_eq!(
+            err,
+            "configuration key `server.background_nice` has value `20`, expected between 0 (background at the process's priority) and 19"
+        );
+        let c = Config::load(None, env(&[("PLAYHEAD_SERVER__BACKGROUND_NICE", "0")])).unwrap();
+        assert_eq!(c.server.background_nice, 0);
     }
 
     #[test]

@@ -383,10 +383,11 @@ impl Engine {
     /// threads — its worker and the blocking threads their store writes and sorts run on —
     /// have a lower CPU priority than the request path ([`crate::priority`]).
     pub fn spawn_background(&self) -> std::io::Result<Background> {
+        let nice = self.shared.config.server.background_nice;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("playhead-bg")
-            .on_thread_start(crate::priority::lower_current_thread)
+            .on_thread_start(move || crate::priority::lower_current_thread(nice))
             // Timers and I/O: the loops await store futures, and a store client may open
             // sockets from within them (the Cassandra driver opens its connections on the
             // runtime that built the session, but nothing guarantees that).

@@ -148,10 +148,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = match config.store.kind {
         StoreKind::Embedded => {
             let dir = config.embedded_store_dir();
-            Arc::new(
-                EmbeddedStore::open(&dir, config.store.embedded.cache_bytes)
-                    .with_context(|| format!("opening the embedded store in {}", dir.display()))?,
-            )
+            let store = EmbeddedStore::open(&dir, config.store.embedded.cache_bytes)
+                .with_context(|| format!("opening the embedded store in {}", dir.display()))?;
+            // Memtable flushes and compaction only have to keep up on average: let ingest
+            // and reads preempt them (playhead::priority).
+            playhead::priority::lower_threads_named("fjall:worker", config.server.background_nice);
+            Arc::new(store)
         }
         StoreKind::Cassandra => Arc::new(
             CassandraStore::connect(&config)

@@ -2,7 +2,8 @@
 //!
 //! The request path (ingest, reads, the commit-log writer) runs at the process's priority;
 //! work that only has to keep up on average — flush cycles, the retention purge, log
-//! snapshots, the embedded store's compaction — runs `BACKGROUND_NICE` lower. On a busy
+//! snapshots, the embedded store's compaction — runs `server.background_nice` lower
+//! ([`DEFAULT_BACKGROUND_NICE`] unless configured; 0 leaves it alone). On a busy
 //! machine the kernel then lets the request path preempt it, which cuts the tail latency
 //! of acknowledgements, and a flush that gets less CPU simply takes longer and writes each
 //! key once for more heartbeats (it never drops anything: data stays in memory and in the
@@ -11,26 +12,33 @@
 //! Linux only (elsewhere these are no-ops): a thread's nice value is per thread there.
 //! Lowering one's own priority needs no privilege.
 
-/// How much lower background threads run, added to the process's nice value (capped at 19):
-/// from nice 0 to 10, a tenth of the CPU weight of a request thread wanting the same core.
-pub const BACKGROUND_NICE: i32 = 10;
+/// How much lower background threads run by default, added to the process's nice value
+/// (capped at 19): from nice 0 to 10, a tenth of the CPU weight of a request thread wanting
+/// the same core.
+pub const DEFAULT_BACKGROUND_NICE: i32 = 10;
 
-/// Lowers the calling thread by [`BACKGROUND_NICE`]. Best effort: a failure leaves the
-/// thread at its priority and is logged at debug level.
-pub fn lower_current_thread() {
+/// Lowers the calling thread by `by` nice levels (0 does nothing). Best effort: a failure
+/// leaves the thread at its priority and is logged at debug level.
+pub fn lower_current_thread(by: i32) {
     #[cfg(target_os = "linux")]
-    {
+    if by > 0 {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
-        lower(tid);
+        lower(tid, by);
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = by;
 }
 
 /// Lowers every thread of this process whose name starts with `prefix` (threads a library
-/// starts and gives no hook for, such as fjall's workers); returns how many it lowered.
-pub fn lower_threads_named(prefix: &str) -> usize {
+/// starts and gives no hook for, such as fjall's workers) by `by` nice levels; returns how
+/// many it lowered (none when `by` is 0).
+pub fn lower_threads_named(prefix: &str, by: i32) -> usize {
     #[cfg(target_os = "linux")]
     {
+        if by <= 0 {
+            return 0;
+        }
         let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
             return 0;
         };
@@ -41,7 +49,7 @@ pub fn lower_threads_named(prefix: &str) -> usize {
             };
             let named = std::fs::read_to_string(task.path().join("comm"))
                 .is_ok_and(|comm| comm.trim_end().starts_with(prefix));
-            if named && lower(tid) {
+            if named && lower(tid, by) {
                 lowered += 1;
             }
         }
@@ -49,13 +57,13 @@ pub fn lower_threads_named(prefix: &str) -> usize {
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = prefix;
+        let _ = (prefix, by);
         0
     }
 }
 
 #[cfg(target_os = "linux")]
-fn lower(tid: libc::pid_t) -> bool {
+fn lower(tid: libc::pid_t, by: i32) -> bool {
     // Relative to the main thread's nice value (the process's), not the thread's own: a
     // thread inherits its creator's value, so a thread started by a background thread is
     // already lowered, and lowering must not compound.
@@ -68,7 +76,7 @@ fn lower(tid: libc::pid_t) -> bool {
         if base == -1 && *libc::__errno_location() != 0 {
             -1
         } else {
-            let nice = (base + BACKGROUND_NICE).min(19);
+            let nice = (base + by).min(19);
             libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
         }
     };
@@ -101,16 +109,24 @@ mod tests {
     fn lowers_only_the_threads_it_is_asked_to() {
         // The main thread's (the process's) value: lowering is relative to it.
         let base = nice_in("/proc/self/stat");
-        let expected = (base + BACKGROUND_NICE).min(19);
+        let expected = (base + DEFAULT_BACKGROUND_NICE).min(19);
         let lowered = std::thread::spawn(|| {
-            lower_current_thread();
+            lower_current_thread(DEFAULT_BACKGROUND_NICE);
             // Again, as a thread started by a lowered thread would: no compounding.
-            lower_current_thread();
+            lower_current_thread(DEFAULT_BACKGROUND_NICE);
             nice_of_current_thread()
         })
         .join()
         .unwrap();
         assert_eq!(lowered, expected);
+        // `server.background_nice = 0`: left at the process's priority.
+        let untouched = std::thread::spawn(|| {
+            lower_current_thread(0);
+            nice_of_current_thread()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(untouched, base);
 
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
@@ -123,7 +139,11 @@ mod tests {
             })
             .unwrap();
         ready_rx.recv().unwrap();
-        assert_eq!(lower_threads_named("ph-prio-test"), 1);
+        assert_eq!(lower_threads_named("ph-prio-test", 0), 0);
+        assert_eq!(
+            lower_threads_named("ph-prio-test", DEFAULT_BACKGROUND_NICE),
+            1
+        );
         done_tx.send(()).unwrap();
         assert_eq!(named.join().unwrap(), expected);
         // The test's own thread was not touched.

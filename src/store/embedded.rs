@@ -122,9 +122,6 @@ impl EmbeddedStore {
                     ))
             })
             .map_err(|e| io_error("opening keyspace `positions`", e))?;
-        // Memtable flushes and compaction only have to keep up on average: let ingest and
-        // reads preempt them (crate::priority).
-        crate::priority::lower_threads_named("fjall:worker");
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
