@@ -66,6 +66,32 @@ async fn newest_heartbeat_wins_across_devices() {
 }
 
 #[tokio::test]
+async fn escaped_json_strings_mean_the_same_as_plain_ones() {
+    // The body's strings are borrowed from the request when they have no escapes and
+    // decoded into owned ones when they do: both must reach the same title and device.
+    let s = TestServer::start().await;
+    let t = s.token(12, 1);
+    let at = now_ms() - 60_000;
+    let escaped = format!(
+        r#"{{"movie_id":"incep\u0074ion","position_seconds":1200,"device_id":"tv\u002dkitchen \"2\"","timestamp_ms":{at}}}"#
+    );
+    assert_eq!(s.post_progress(&t, &escaped).await.status, 204);
+    let r = s.resume(&t, "inception").await;
+    assert_eq!(r["resume_position_seconds"], 1200);
+    assert_eq!(r["last_device_id"], "tv-kitchen \"2\"");
+    // A plain body for the same title updates the same key.
+    let plain = format!(
+        r#"{{"movie_id":"inception","position_seconds":1300,"device_id":"phone","timestamp_ms":{}}}"#,
+        at + 4_000
+    );
+    assert_eq!(s.post_progress(&t, &plain).await.status, 204);
+    let r = s.resume(&t, "inception").await;
+    assert_eq!(r["resume_position_seconds"], 1300);
+    assert_eq!(r["last_device_id"], "phone");
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn future_client_timestamps_are_clamped() {
     let s = TestServer::start().await;
     let t = s.token(11, 1);
