@@ -67,8 +67,8 @@ async fn newest_heartbeat_wins_across_devices() {
 
 #[tokio::test]
 async fn escaped_json_strings_mean_the_same_as_plain_ones() {
-    // The body's strings are borrowed from the request when they have no escapes and
-    // decoded into owned ones when they do: both must reach the same title and device.
+    // JSON escapes in the body's strings are decoded before the catalog lookup and the
+    // device name are taken: `incep\u0074ion` is `inception`.
     let s = TestServer::start().await;
     let t = s.token(12, 1);
     let at = now_ms() - 60_000;
