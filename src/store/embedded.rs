@@ -50,6 +50,28 @@ const MERGE_EXTRA_ROWS_PER_KEY: usize = 4;
 /// bloom-filtered tables quickly. Measured in benches/flush.rs (BENCHMARKS.md).
 const MEMTABLE_BYTES: u64 = 4 << 20;
 
+/// fjall background workers: one. With two, fjall 3.1.13's worker 0 never compacts; it puts
+/// every `Compact` message it receives back on the queue ("let one worker prioritize
+/// flushing", `worker_pool.rs`), and it spins doing so for as long as the other worker is
+/// compacting. Under `max` that spin was 28 % of fjall's CPU (BENCHMARKS.md). With one
+/// worker, flushes and compactions simply take turns. Measured A/B, `max`, six pairs: 5.69
+/// M heartbeats/s on average against 5.31 M/s with two (ahead in 5 of 6), fjall's CPU
+/// 4.9–5.6 s against 6.6–9.2 s per 15 s run.
+///
+/// One worker is only safe because fjall never rotates the memtable by itself here (see
+/// [`NEVER_BY_SIZE`]). fjall asks for a rotation on *every* write past the memtable limit
+/// (`try_send`, so the queue of 1 000 fills up while the worker is busy compacting), and
+/// the lone worker then blocks sending a `Flush` to its own full queue (fjall-rs/fjall PR
+/// #323). We rotate instead, from the writer, after a commit ([`Inner::rotate_if_full`]),
+/// so the queue only ever holds a few messages: one `Flush` per rotation, one `Compact`
+/// per flush, and writes halt at 4 sealed memtables, which bounds the rotations that can
+/// wait.
+const FJALL_WORKERS: usize = 1;
+
+/// fjall's own memtable limit, set so high that fjall never asks for a rotation itself:
+/// the writer rotates at [`MEMTABLE_BYTES`] instead (see [`FJALL_WORKERS`]).
+const NEVER_BY_SIZE: u64 = 1 << 40;
+
 /// Level-0 tables gathered before they are compacted into level 1 (fjall's default: 4).
 /// Every flush rewrites each dirty key, so under heavy ingest the whole data set is
 /// rewritten every few seconds and compaction takes a large share of the CPU; gathering
@@ -110,13 +132,14 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| io_error(&format!("creating {}", dir.display()), e))?;
         let db = Database::builder(dir)
+            .worker_threads(FJALL_WORKERS)
             .cache_size(cache_bytes)
             .open()
             .map_err(|e| io_error(&format!("opening fjall database {}", dir.display()), e))?;
         let positions = db
             .keyspace("positions", || {
                 KeyspaceCreateOptions::default()
-                    .max_memtable_size(MEMTABLE_BYTES)
+                    .max_memtable_size(NEVER_BY_SIZE)
                     .compaction_strategy(Arc::new(
                         fjall::compaction::Leveled::default().with_l0_threshold(L0_THRESHOLD),
                     ))
@@ -197,7 +220,28 @@ impl Inner {
         }
         batch
             .commit()
-            .map_err(|e| io_error("committing a batch", e))
+            .map_err(|e| io_error("committing a batch", e))?;
+        self.rotate_if_full()
+    }
+
+    /// Seals the active memtable once it holds [`MEMTABLE_BYTES`], so fjall's worker flushes
+    /// it to a table; called with the writer lock held, after each commit. fjall does this
+    /// itself by default, but not safely with one worker (see [`FJALL_WORKERS`]).
+    ///
+    /// fjall only reports the bytes of all unflushed memtables, sealed ones included, so
+    /// the active one counts as full when that total exceeds a full memtable per sealed one
+    /// plus one more. `Database::write_buffer_size` and `Keyspace::rotate_memtable` are
+    /// public but `#[doc(hidden)]` in fjall 3.1.13 (pinned in Cargo.lock): an upgrade must
+    /// check them, and `one_worker_seals_flushes_and_compacts_many_memtables` fails if the
+    /// memtable stops being sealed.
+    fn rotate_if_full(&self) -> Result<(), StoreError> {
+        let sealed = self.positions.sealed_memtable_count() as u64;
+        if self.db.write_buffer_size() > MEMTABLE_BYTES * (1 + sealed) {
+            self.positions
+                .rotate_memtable()
+                .map_err(|e| io_error("sealing the memtable", e))?;
+        }
+        Ok(())
     }
 
     /// Stages `record` into `batch` when it supersedes `current` (or there is none).
@@ -346,6 +390,7 @@ impl Inner {
                     batch
                         .commit()
                         .map_err(|e| io_error("committing a purge", e))?;
+                    self.rotate_if_full()?;
                 }
             }
             if scanned < PURGE_CHUNK_ROWS {
@@ -397,5 +442,58 @@ impl Store for EmbeddedStore {
 
     async fn purge_older_than(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
         self.blocking(move |inner| inner.purge(cutoff_ms)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// One fjall worker with the writer sealing memtables ([`FJALL_WORKERS`]): writes worth
+    /// many memtables (~960 k rows: 18 tables, level 0 compacted away when this was
+    /// written) are sealed, flushed into tables and read back. Without
+    /// [`Inner::rotate_if_full`] nothing is ever sealed and it fails. It waits a bounded
+    /// time for the writes and the flushes, so a stuck worker fails it rather than hanging
+    /// it; it does not provoke fjall's self-deadlock, which needs a flood of rotation
+    /// requests during a long compaction (with fjall's own rotation it passes too).
+    #[test]
+    fn one_worker_seals_flushes_and_compacts_many_memtables() {
+        const BATCHES: u64 = 48;
+        const ROWS: u64 = 20_000;
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), 1 << 20).unwrap();
+        let writer = store.clone();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for batch in 0..BATCHES {
+                // Sorted by key: the account is the batch, the title ascends.
+                let records: Vec<Record> = (0..ROWS)
+                    .map(|t| Record::new(Key::new(batch, 1, t), Value::new(t as u32, 1_000 + t, 1)))
+                    .collect();
+                writer.inner.write(&records).unwrap();
+            }
+            done_tx.send(()).unwrap();
+        });
+        done_rx
+            .recv_timeout(Duration::from_secs(600))
+            .expect("the writes did not finish: is fjall's worker stuck?");
+        let inner = &store.inner;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while inner.positions.sealed_memtable_count() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "sealed memtables were never flushed"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let tables = inner.positions.table_count();
+        assert!(tables > 1, "{tables} tables: the memtable was never sealed");
+        for batch in [0, BATCHES / 2, BATCHES - 1] {
+            for t in [0, ROWS / 3, ROWS - 1] {
+                let value = inner.read(&Key::new(batch, 1, t)).unwrap();
+                assert_eq!(value, Some(Value::new(t as u32, 1_000 + t, 1)));
+            }
+        }
     }
 }
