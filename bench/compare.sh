@@ -123,18 +123,20 @@ field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eva
 
 THREADS_NOTE="server ${SERVER_THREADS} worker (+log thread), loadgen ${LOADGEN_THREADS} thread"
 
+# The ingest workload, the same for every target.
+INGEST_ARGS=(max --keys "$KEYS" --connections 4 --batch 1024 --in-flight 16)
+
 # ingest_round ROUND: one `max` run against each target (a fresh server each time);
 # records each run's figures and adds its rate to INGEST_SUM.
 ingest_round() {
   local round=$1 r target
-  local common=(max --keys "$KEYS" --connections 4 --batch 1024 --in-flight 16)
   start_playhead
-  r=$(loadgen "${common[@]}" --protocol binary)
+  r=$(loadgen "${INGEST_ARGS[@]}" --protocol binary)
   ingest_record playhead "$round" "$r"
   stop_playhead
   start_redis
   for target in redis-lww redis-set; do
-    r=$(loadgen "${common[@]}" --protocol "$target")
+    r=$(loadgen "${INGEST_ARGS[@]}" --protocol "$target")
     ingest_record "$target" "$round" "$r"
     redis-cli -p "$REDIS_PORT" flushall >/dev/null
   done
@@ -153,19 +155,23 @@ section_ingest() {
   declare -gA INGEST_SUM=([playhead]=0 [redis-lww]=0 [redis-set]=0)
   ingest_round 1
   ingest_round 2
-  record ingest playhead acked_per_sec "$(python3 -c "print(${INGEST_SUM[playhead]} / 2)")" \
-    "heartbeats/s" "mean of 2 alternated runs; binary, periodic fsync; $THREADS_NOTE"
-  record ingest redis-lww acked_per_sec "$(python3 -c "print(${INGEST_SUM[redis-lww]} / 2)")" \
-    "heartbeats/s" "mean of 2 alternated runs; EVALSHA LWW script, appendfsync everysec, pipelined 1024 x 16"
-  record ingest redis-set acked_per_sec "$(python3 -c "print(${INGEST_SUM[redis-set]} / 2)")" \
-    "heartbeats/s" "mean of 2 alternated runs; plain SET, appendfsync everysec, pipelined 1024 x 16"
+  local -A what=(
+    [playhead]="binary, periodic fsync; $THREADS_NOTE"
+    [redis-lww]="EVALSHA LWW script, appendfsync everysec, pipelined 1024 x 16"
+    [redis-set]="plain SET, appendfsync everysec, pipelined 1024 x 16"
+  )
+  local target
+  for target in playhead redis-lww redis-set; do
+    record ingest "$target" acked_per_sec "$(python3 -c "print(${INGEST_SUM[$target]} / 2)")" \
+      "heartbeats/s" "mean of 2 alternated runs; ${what[$target]}"
+  done
   # The same at a 5 s flush interval (one run): `max` rewrites every key several times a
   # second, and a longer cadence writes each key once for more heartbeats (the embedded
   # store's reads see unflushed values, so it costs replay time, not staleness). With
   # background work at low priority the flush already stretches its cycles under load, so
   # the two are close (BENCHMARKS.md).
   start_playhead PLAYHEAD_FLUSH__INTERVAL_MS=5000
-  local r; r=$(loadgen max --keys "$KEYS" --connections 4 --batch 1024 --in-flight 16 --protocol binary)
+  local r; r=$(loadgen "${INGEST_ARGS[@]}" --protocol binary)
   record ingest playhead-flush-5s acked_per_sec "$(field "$r" "r['acked_per_sec']")" "heartbeats/s" "one run, flush.interval_ms = 5000"
   record ingest playhead-flush-5s p99_batch_ms "$(field "$r" "r['latency']['p99']")" ms "per 1024-record batch"
   stop_playhead
