@@ -3,20 +3,19 @@
 //! A flush cycle: seal the log segment (`rotate`), freeze every shard's dirty map, write the
 //! frozen maps to the store in batches of `flush.batch_rows` with at most
 //! `flush.max_concurrency` in flight, retry failed batches with exponential backoff and
-//! jitter until they land, then release the frozen maps and let the log drop the sealed
-//! segments. One store row per dirty key per cycle: the coalescing factor is heartbeats per
+//! jitter until they land, make them durable with one store sync (retried likewise), then
+//! release the frozen maps and let the log drop the sealed segments. One store row per dirty key per cycle: the coalescing factor is heartbeats per
 //! key per interval.
 //!
 //! While the store is down a cycle simply keeps retrying: new heartbeats keep coalescing in
 //! the active maps (memory bounded by live keys) and [`log_guard_loop`] keeps the log
 //! bounded with snapshots.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::coalescer::Frozen;
@@ -125,16 +124,7 @@ async fn write_frozen(
         if !batch.is_empty() {
             report.rows += batch.len();
             report.batches += 1;
-            let store = Arc::clone(&shared.store);
-            let backoff = Backoff::new(cfg.retry_initial_ms, cfg.retry_max_ms);
-            let shutdown = shared.shutdown.subscribe();
-            let failures = FailureCounters {
-                errors: Arc::clone(&shared.stats.flush_errors),
-                retries: Arc::clone(&shared.stats.flush_retries),
-            };
-            in_flight.spawn(write_with_retry(
-                store, batch, backoff, give, shutdown, failures,
-            ));
+            in_flight.spawn(with_retry(shared, StoreOp::Write(batch), give));
         }
         while in_flight.len() >= cfg.max_concurrency || (exhausted && !in_flight.is_empty()) {
             let joined = in_flight.join_next().await.expect("set is not empty");
@@ -148,6 +138,11 @@ async fn write_frozen(
             break;
         }
     }
+    if report.batches > 0 {
+        // The cycle's batches are applied; make them durable before the log drops them.
+        let sync = StoreOp::Sync { rows: report.rows };
+        report.retries += with_retry(shared, sync, give).await?;
+    }
     let stats = &shared.stats;
     stats
         .flush_batches
@@ -155,56 +150,81 @@ async fn write_frozen(
     Ok(())
 }
 
-/// The engine's flush-failure counters, bumped by each store write as it fails.
-struct FailureCounters {
-    errors: Arc<AtomicU64>,
-    retries: Arc<AtomicU64>,
+/// One store call of a flush cycle.
+enum StoreOp {
+    /// Apply one batch.
+    Write(Vec<Record>),
+    /// Make the cycle's `rows`, all applied, durable.
+    Sync { rows: usize },
 }
 
-/// Writes one batch, retrying until the store takes it; returns how many retries it took.
-async fn write_with_retry(
-    store: Arc<dyn Store>,
-    batch: Vec<Record>,
-    mut backoff: Backoff,
-    give: Give,
-    mut shutdown: watch::Receiver<bool>,
-    failures: FailureCounters,
-) -> Result<usize, FlushError> {
-    let mut retries = 0;
-    loop {
-        let error: StoreError = match store.write_batch(&batch).await {
-            Ok(()) => return Ok(retries),
-            Err(e) => e,
-        };
-        failures.errors.fetch_add(1, Ordering::Relaxed);
-        let delay = backoff.next_delay();
-        if retries == 0 || retries % 20 == 0 {
-            tracing::warn!(
-                rows = batch.len(),
-                retries,
-                next_retry_ms = delay.as_millis() as u64,
-                "store write failed: {error}"
-            );
+impl StoreOp {
+    fn rows(&self) -> usize {
+        match self {
+            StoreOp::Write(batch) => batch.len(),
+            StoreOp::Sync { rows } => *rows,
         }
-        retries += 1;
-        failures.retries.fetch_add(1, Ordering::Relaxed);
-        match give {
-            Give::UpAt(deadline) => {
-                if tokio::time::Instant::now() + delay > deadline {
-                    return Err(FlushError::Deadline {
-                        rows: batch.len(),
-                        last_error: error.to_string(),
-                    });
-                }
-                tokio::time::sleep(delay).await;
+    }
+}
+
+/// Runs `op` until the store takes it; resolves to how many retries it took. Owns what it
+/// needs, so a batch can run as a task of its own.
+fn with_retry(
+    shared: &Shared,
+    op: StoreOp,
+    give: Give,
+) -> impl std::future::Future<Output = Result<usize, FlushError>> + Send + 'static {
+    let store = Arc::clone(&shared.store);
+    let cfg = &shared.config.flush;
+    let mut backoff = Backoff::new(cfg.retry_initial_ms, cfg.retry_max_ms);
+    let mut shutdown = shared.shutdown.subscribe();
+    let failed_attempts = Arc::clone(&shared.stats.flush_errors);
+    let retried_attempts = Arc::clone(&shared.stats.flush_retries);
+    async move {
+        let mut retries = 0;
+        loop {
+            let outcome = match &op {
+                StoreOp::Write(batch) => store.write_batch(batch).await,
+                StoreOp::Sync { .. } => store.sync().await,
+            };
+            let error: StoreError = match outcome {
+                Ok(()) => return Ok(retries),
+                Err(e) => e,
+            };
+            failed_attempts.fetch_add(1, Ordering::Relaxed);
+            let delay = backoff.next_delay();
+            if retries == 0 || retries % 20 == 0 {
+                let what = match op {
+                    StoreOp::Write(_) => "store write",
+                    StoreOp::Sync { .. } => "store sync",
+                };
+                tracing::warn!(
+                    rows = op.rows(),
+                    retries,
+                    next_retry_ms = delay.as_millis() as u64,
+                    "{what} failed: {error}"
+                );
             }
-            Give::UpOnShutdown => {
-                if *shutdown.borrow() {
-                    return Err(FlushError::Shutdown);
+            retries += 1;
+            retried_attempts.fetch_add(1, Ordering::Relaxed);
+            match give {
+                Give::UpAt(deadline) => {
+                    if tokio::time::Instant::now() + delay > deadline {
+                        return Err(FlushError::Deadline {
+                            rows: op.rows(),
+                            last_error: error.to_string(),
+                        });
+                    }
+                    tokio::time::sleep(delay).await;
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.changed() => return Err(FlushError::Shutdown),
+                Give::UpOnShutdown => {
+                    if *shutdown.borrow() {
+                        return Err(FlushError::Shutdown);
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return Err(FlushError::Shutdown),
+                    }
                 }
             }
         }
@@ -327,4 +347,119 @@ pub fn snapshot(shared: &Shared) -> std::io::Result<u64> {
     shared
         .wal
         .write_snapshot(segment, |sink| shared.coalescer.for_each_record(sink))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::Engine;
+    use crate::model::{Key, Value};
+    use crate::store::{EmbeddedStore, TitleEntry};
+
+    /// The embedded store, recording its calls, with a sync that fails on command.
+    struct SyncFails {
+        inner: EmbeddedStore,
+        failures_left: AtomicU64,
+        calls: Mutex<Vec<&'static str>>,
+    }
+
+    #[async_trait]
+    impl Store for SyncFails {
+        fn name(&self) -> &'static str {
+            "sync-fails"
+        }
+
+        async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError> {
+            self.calls.lock().unwrap().push("write");
+            self.inner.write_batch(records).await
+        }
+
+        async fn sync(&self) -> Result<(), StoreError> {
+            self.calls.lock().unwrap().push("sync");
+            let left = self.failures_left.load(Ordering::SeqCst);
+            if left > 0 {
+                self.failures_left.store(left - 1, Ordering::SeqCst);
+                return Err(StoreError::Unavailable("injected sync failure".into()));
+            }
+            self.inner.sync().await
+        }
+
+        async fn get(&self, key: Key) -> Result<Option<Value>, StoreError> {
+            self.inner.get(key).await
+        }
+
+        async fn list_profile(
+            &self,
+            account_id: u64,
+            profile_id: u64,
+            limit: usize,
+        ) -> Result<Vec<TitleEntry>, StoreError> {
+            self.inner.list_profile(account_id, profile_id, limit).await
+        }
+
+        async fn purge_older_than(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
+            self.inner.purge_older_than(cutoff_ms).await
+        }
+    }
+
+    fn open(dir: &std::path::Path, failures: u64) -> (Engine, Arc<SyncFails>) {
+        let mut config = Config::default();
+        config.server.data_dir = dir.to_path_buf();
+        config.flush.batch_rows = 10;
+        config.flush.retry_initial_ms = 1;
+        config.flush.retry_max_ms = 5;
+        config.flush.shutdown_timeout_ms = 200;
+        let store = Arc::new(SyncFails {
+            inner: EmbeddedStore::open(&config.embedded_store_dir(), 1 << 20).unwrap(),
+            failures_left: AtomicU64::new(failures),
+            calls: Mutex::new(Vec::new()),
+        });
+        let (engine, _) = Engine::open(config, Arc::clone(&store) as Arc<dyn Store>).unwrap();
+        (engine, store)
+    }
+
+    fn records(n: u64) -> Vec<Record> {
+        (0..n)
+            .map(|t| Record::new(Key::new(7, 1, t), Value::new(10, 1_760_000_000_000 + t, 1)))
+            .collect()
+    }
+
+    /// A cycle syncs the store once, after its last batch, and retries a failed sync
+    /// before the log may drop what the cycle wrote.
+    #[tokio::test]
+    async fn a_cycle_syncs_once_after_its_batches_and_retries_a_failed_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, store) = open(dir.path(), 2);
+        engine.write(&records(35)).await.unwrap();
+        let report = engine.flush().await.unwrap();
+        assert_eq!((report.rows, report.batches, report.retries), (35, 4, 2));
+        let calls = store.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls,
+            ["write", "write", "write", "write", "sync", "sync", "sync"]
+        );
+        assert!(engine.shared().coalescer.is_empty());
+    }
+
+    /// When the sync never succeeds before the final flush's deadline, nothing leaves the
+    /// commit log: the next start replays every record.
+    #[tokio::test]
+    async fn a_sync_that_never_succeeds_keeps_every_record_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, store) = open(dir.path(), u64::MAX);
+        engine.write(&records(35)).await.unwrap();
+        let report = engine.shutdown(None).await;
+        assert_eq!(report.left_in_log, 35, "the failed cycle's keys went back");
+        assert!(store.calls.lock().unwrap().contains(&"sync"));
+        drop((engine, store));
+        let (reopened, _) = open(dir.path(), 0);
+        assert_eq!(reopened.shared().coalescer.len(), 35);
+    }
 }

@@ -7,8 +7,11 @@
 //!
 //! Last-write-wins needs read-compare-write. fjall has no conditional write (and no merge
 //! operator), so every write batch runs under one writer mutex: read the current rows, keep
-//! each incoming value only if it supersedes its row, commit the batch with `SyncData`
-//! durability. Readers never take the mutex (they read fjall's snapshot-consistent state).
+//! each incoming value only if it supersedes its row, commit the batch to fjall's journal
+//! without an fsync. Readers never take the mutex (they read fjall's snapshot-consistent
+//! state). [`Store::sync`] fsyncs the journal once per flush cycle: a cycle of 1 M rows is
+//! 123 batches, and an fsync per batch cost each one a journal commit of the filesystem
+//! that the commit log's own fsync then queued behind (BENCHMARKS.md).
 //!
 //! Reading the current rows: the batch is sorted by key and read in runs of
 //! [`MERGE_RUN_ROWS`]. A run first tries a *merge-join*: one range iterator over
@@ -196,7 +199,9 @@ impl Inner {
     fn write(&self, records: &[Record]) -> Result<(), StoreError> {
         debug_assert!(records.windows(2).all(|w| w[0].key < w[1].key));
         let _writer = self.writer.lock();
-        let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        // No fsync here: `sync` makes the cycle's batches durable at once. A journal sealed
+        // meanwhile (the memtable rotated) was fsynced by fjall when it was sealed.
+        let mut batch = self.db.batch().durability(None);
         for run in records.chunks(MERGE_RUN_ROWS) {
             let merged = match self.reads {
                 LwwReads::Point => 0,
@@ -422,6 +427,16 @@ impl Store for EmbeddedStore {
         // Already-sorted input (the flusher's batches) is recognised in one pass.
         records.sort_unstable_by_key(|r| r.key);
         self.blocking(move |inner| inner.write(&records)).await
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        self.blocking(|inner| {
+            inner
+                .db
+                .persist(PersistMode::SyncData)
+                .map_err(|e| io_error("syncing the journal", e))
+        })
+        .await
     }
 
     /// Runs on the caller's thread: a point read is a bloom-filtered lookup that is almost

@@ -108,6 +108,14 @@ impl<S: Store> Store for FaultyStore<S> {
         Ok(())
     }
 
+    /// Fails like a write while writes fail: an outage takes the journal down too.
+    async fn sync(&self) -> Result<(), StoreError> {
+        if self.switch.fail_writes.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected sync failure".into()));
+        }
+        self.inner.sync().await
+    }
+
     async fn get(&self, key: Key) -> Result<Option<Value>, StoreError> {
         self.switch.before_read().await?;
         self.inner.get(key).await
@@ -168,6 +176,10 @@ impl Store for Arc<dyn Store> {
 
     async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError> {
         (**self).write_batch(records).await
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        (**self).sync().await
     }
 
     async fn get(&self, key: Key) -> Result<Option<Value>, StoreError> {

@@ -47,10 +47,20 @@ pub trait Store: Send + Sync + 'static {
     /// A short name for logs and metrics (`embedded`, `cassandra`, …).
     fn name(&self) -> &'static str;
 
-    /// Applies every record with last-write-wins. `Ok` means every record is durable in the
-    /// store (or was superseded by a newer value that is); only then may the commit log
-    /// drop it. An empty batch is a no-op. Records in one batch have distinct keys.
+    /// Applies every record with last-write-wins. `Ok` means every record is applied and
+    /// visible to reads (or was superseded by a newer value); it is durable once a later
+    /// [`Store::sync`] returns `Ok`, and only then may the commit log drop it. An empty
+    /// batch is a no-op. Records in one batch have distinct keys.
     async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError>;
+
+    /// Makes every batch whose [`Store::write_batch`] returned `Ok` durable. The flusher
+    /// calls it once per cycle, after the cycle's last batch, so a store with a journal
+    /// syncs it once per cycle rather than once per batch. Stores whose writes are durable
+    /// when `write_batch` returns (Cassandra: each write is acknowledged at the configured
+    /// consistency) keep this default no-op.
+    async fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// The newest stored version of one key, *tombstones included* (`None` only when the key
     /// was never written or has been purged). The engine merges it with memory by
@@ -71,7 +81,8 @@ pub trait Store: Send + Sync + 'static {
     /// delete cannot bring the title back.
     async fn delete(&self, key: Key, at_ms: u64) -> Result<(), StoreError> {
         self.write_batch(&[Record::new(key, Value::tombstone(at_ms))])
-            .await
+            .await?;
+        self.sync().await
     }
 
     /// Removes every value and tombstone last updated before `cutoff_ms` and returns how
