@@ -4,8 +4,8 @@
 //! frozen maps to the store in batches of `flush.batch_rows` with at most
 //! `flush.max_concurrency` in flight, retry failed batches with exponential backoff and
 //! jitter until they land, make them durable with one store sync (retried likewise), then
-//! release the frozen maps and let the log drop the sealed segments. One store row per dirty key per cycle: the coalescing factor is heartbeats per
-//! key per interval.
+//! release the frozen maps and let the log drop the sealed segments. One store row per
+//! dirty key per cycle: the coalescing factor is heartbeats per key per interval.
 //!
 //! While the store is down a cycle simply keeps retrying: new heartbeats keep coalescing in
 //! the active maps (memory bounded by live keys) and [`log_guard_loop`] keeps the log
@@ -351,11 +351,10 @@ pub fn snapshot(shared: &Shared) -> std::io::Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicU64;
     use std::sync::Mutex;
 
     use async_trait::async_trait;
-
-    use std::sync::atomic::AtomicU64;
 
     use super::*;
     use crate::config::Config;
