@@ -500,6 +500,13 @@ impl Drop for Wal {
 }
 
 fn seal(st: &mut AppendState) {
+    queue_buffer(st);
+    st.segment += 1;
+    st.segment_fill = 0;
+}
+
+/// Moves the frames appended so far (if any) onto the writer's queue as one chunk.
+fn queue_buffer(st: &mut AppendState) {
     if !st.buf.is_empty() {
         let fresh = st.spare.pop().unwrap_or_default();
         let bytes = std::mem::replace(&mut st.buf, fresh);
@@ -510,8 +517,6 @@ fn seal(st: &mut AppendState) {
             end_lsn,
         });
     }
-    st.segment += 1;
-    st.segment_fill = 0;
 }
 
 fn encode_frame(out: &mut Vec<u8>, records: &[Record]) {
@@ -891,16 +896,7 @@ impl Writer {
                 let done = st.sync_done.take();
                 let mut chunks = Vec::new();
                 if self.unsynced_bytes < max_unsynced {
-                    if !st.buf.is_empty() {
-                        let fresh = st.spare.pop().unwrap_or_default();
-                        let bytes = std::mem::replace(&mut st.buf, fresh);
-                        let (segment, end_lsn) = (st.segment, st.lsn);
-                        st.queue.push_back(Chunk {
-                            segment,
-                            bytes,
-                            end_lsn,
-                        });
-                    }
+                    queue_buffer(&mut st);
                     // Take what keeps the unsynced rounds within the bound (at least one).
                     let mut room = max_unsynced - self.unsynced_bytes;
                     while let Some(next) = st.queue.front() {
