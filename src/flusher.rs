@@ -351,77 +351,27 @@ pub fn snapshot(shared: &Shared) -> std::io::Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicU64;
-    use std::sync::Mutex;
-
-    use async_trait::async_trait;
-
     use super::*;
     use crate::config::Config;
     use crate::engine::Engine;
     use crate::model::{Key, Value};
-    use crate::store::{EmbeddedStore, TitleEntry};
+    use crate::store::{EmbeddedStore, FaultSwitch, FaultyStore};
 
-    /// The embedded store, recording its calls, with a sync that fails on command.
-    struct SyncFails {
-        inner: EmbeddedStore,
-        failures_left: AtomicU64,
-        calls: Mutex<Vec<&'static str>>,
-    }
-
-    #[async_trait]
-    impl Store for SyncFails {
-        fn name(&self) -> &'static str {
-            "sync-fails"
-        }
-
-        async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError> {
-            self.calls.lock().unwrap().push("write");
-            self.inner.write_batch(records).await
-        }
-
-        async fn sync(&self) -> Result<(), StoreError> {
-            self.calls.lock().unwrap().push("sync");
-            let left = self.failures_left.load(Ordering::SeqCst);
-            if left > 0 {
-                self.failures_left.store(left - 1, Ordering::SeqCst);
-                return Err(StoreError::Unavailable("injected sync failure".into()));
-            }
-            self.inner.sync().await
-        }
-
-        async fn get(&self, key: Key) -> Result<Option<Value>, StoreError> {
-            self.inner.get(key).await
-        }
-
-        async fn list_profile(
-            &self,
-            account_id: u64,
-            profile_id: u64,
-            limit: usize,
-        ) -> Result<Vec<TitleEntry>, StoreError> {
-            self.inner.list_profile(account_id, profile_id, limit).await
-        }
-
-        async fn purge_older_than(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
-            self.inner.purge_older_than(cutoff_ms).await
-        }
-    }
-
-    fn open(dir: &std::path::Path, failures: u64) -> (Engine, Arc<SyncFails>) {
+    /// An engine on the embedded store behind a [`FaultyStore`] whose next `failures`
+    /// syncs fail.
+    fn open(dir: &std::path::Path, failures: u64) -> (Engine, Arc<FaultSwitch>) {
         let mut config = Config::default();
         config.server.data_dir = dir.to_path_buf();
         config.flush.batch_rows = 10;
         config.flush.retry_initial_ms = 1;
         config.flush.retry_max_ms = 5;
         config.flush.shutdown_timeout_ms = 200;
-        let store = Arc::new(SyncFails {
-            inner: EmbeddedStore::open(&config.embedded_store_dir(), 1 << 20).unwrap(),
-            failures_left: AtomicU64::new(failures),
-            calls: Mutex::new(Vec::new()),
-        });
-        let (engine, _) = Engine::open(config, Arc::clone(&store) as Arc<dyn Store>).unwrap();
-        (engine, store)
+        let store =
+            FaultyStore::new(EmbeddedStore::open(&config.embedded_store_dir(), 1 << 20).unwrap());
+        let switch = store.switch();
+        switch.fail_next_syncs(failures);
+        let (engine, _) = Engine::open(config, Arc::new(store)).unwrap();
+        (engine, switch)
     }
 
     fn records(n: u64) -> Vec<Record> {
@@ -435,14 +385,16 @@ mod tests {
     #[tokio::test]
     async fn a_cycle_syncs_once_after_its_batches_and_retries_a_failed_sync() {
         let dir = tempfile::tempdir().unwrap();
-        let (engine, store) = open(dir.path(), 2);
+        let (engine, switch) = open(dir.path(), 2);
         engine.write(&records(35)).await.unwrap();
         let report = engine.flush().await.unwrap();
         assert_eq!((report.rows, report.batches, report.retries), (35, 4, 2));
-        let calls = store.calls.lock().unwrap().clone();
+        assert_eq!(switch.write_attempts(), 4);
+        assert_eq!(switch.sync_attempts(), 3);
         assert_eq!(
-            calls,
-            ["write", "write", "write", "write", "sync", "sync", "sync"]
+            switch.rows_written_before_last_sync(),
+            35,
+            "the sync came after every batch"
         );
         assert!(engine.shared().coalescer.is_empty());
     }
@@ -452,12 +404,12 @@ mod tests {
     #[tokio::test]
     async fn a_sync_that_never_succeeds_keeps_every_record_in_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        let (engine, store) = open(dir.path(), u64::MAX);
+        let (engine, switch) = open(dir.path(), u64::MAX);
         engine.write(&records(35)).await.unwrap();
         let report = engine.shutdown(None).await;
         assert_eq!(report.left_in_log, 35, "the failed cycle's keys went back");
-        assert!(store.calls.lock().unwrap().contains(&"sync"));
-        drop((engine, store));
+        assert!(switch.sync_attempts() > 0);
+        drop((engine, switch));
         let (reopened, _) = open(dir.path(), 0);
         assert_eq!(reopened.shared().coalescer.len(), 35);
     }

@@ -895,7 +895,7 @@ impl Writer {
                 }
                 let done = st.sync_done.take();
                 let mut chunks = Vec::new();
-                if self.unsynced_bytes < max_unsynced {
+                if can_write {
                     queue_buffer(&mut st);
                     // Take what keeps the unsynced rounds within the bound (at least one).
                     let mut room = max_unsynced - self.unsynced_bytes;

@@ -24,6 +24,10 @@ pub struct FaultSwitch {
     write_attempts: AtomicU64,
     failed_writes: AtomicU64,
     rows_written: AtomicU64,
+    /// Syncs still to refuse, besides those refused while writes fail.
+    syncs_to_fail: AtomicU64,
+    sync_attempts: AtomicU64,
+    rows_written_before_last_sync: AtomicU64,
 }
 
 impl FaultSwitch {
@@ -36,6 +40,21 @@ impl FaultSwitch {
     /// Delays every read by `ms` before answering (0 = no delay).
     pub fn set_read_delay_ms(&self, ms: u64) {
         self.read_delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Makes the next `n` syncs fail with [`StoreError::Unavailable`].
+    pub fn fail_next_syncs(&self, n: u64) {
+        self.syncs_to_fail.store(n, Ordering::SeqCst);
+    }
+
+    /// Syncs attempted, including failed ones.
+    pub fn sync_attempts(&self) -> u64 {
+        self.sync_attempts.load(Ordering::SeqCst)
+    }
+
+    /// [`FaultSwitch::rows_written`] as it stood when the latest sync was attempted.
+    pub fn rows_written_before_last_sync(&self) -> u64 {
+        self.rows_written_before_last_sync.load(Ordering::SeqCst)
     }
 
     /// Write batches attempted, including failed ones.
@@ -108,9 +127,19 @@ impl<S: Store> Store for FaultyStore<S> {
         Ok(())
     }
 
-    /// Fails like a write while writes fail: an outage takes the journal down too.
+    /// Fails like a write while writes fail (an outage takes the journal down too), and
+    /// as often as [`FaultSwitch::fail_next_syncs`] asked.
     async fn sync(&self) -> Result<(), StoreError> {
-        if self.switch.fail_writes.load(Ordering::SeqCst) {
+        let switch = &self.switch;
+        switch.sync_attempts.fetch_add(1, Ordering::SeqCst);
+        switch
+            .rows_written_before_last_sync
+            .store(switch.rows_written(), Ordering::SeqCst);
+        let asked = switch
+            .syncs_to_fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if asked || switch.fail_writes.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("injected sync failure".into()));
         }
         self.inner.sync().await
