@@ -20,7 +20,7 @@ use std::sync::Arc;
 use crossbeam::utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::keymap::Location;
+use crate::keymap::{Entry, Location};
 use crate::model::{Key, Record, Value};
 
 type Hasher = foldhash::fast::RandomState;
@@ -332,38 +332,38 @@ impl Coalescer {
         let shard = &mut *guard;
         let (record, hash) = (located.record, located.hash);
         let held = shard.active.len() + shard.frozen_len();
-        let outcome = if let Some(current) = shard.active.get_mut_hashed(hash, &record.key) {
-            if record.value.supersedes(current) {
-                *current = record.value;
-                Upsert::Superseded
-            } else {
-                Upsert::Stale
+        let outcome = match shard.active.entry_hashed(hash, &record.key) {
+            Entry::Occupied(current) => {
+                if record.value.supersedes(current) {
+                    *current = record.value;
+                    Upsert::Superseded
+                } else {
+                    Upsert::Stale
+                }
             }
-        } else {
-            let flushing = shard
-                .frozen
-                .as_ref()
-                .and_then(|f| f.get_hashed(hash, &record.key))
-                .copied();
-            match flushing {
-                Some(current) if !record.value.supersedes(&current) => Upsert::Stale,
-                _ => {
-                    if bounded && held >= self.max_keys_per_shard {
-                        shard.stats.overloaded += 1;
-                        return Err(Overloaded {
-                            max_keys: self.max_keys,
-                        });
-                    }
-                    if shard
-                        .active
-                        .insert_new_hashed(hash, record.key, record.value)
-                    {
-                        cell.publish(shard);
-                    }
-                    if flushing.is_some() {
-                        Upsert::Superseded
-                    } else {
-                        Upsert::Inserted
+            Entry::Vacant(vacant) => {
+                let flushing = shard
+                    .frozen
+                    .as_ref()
+                    .and_then(|f| f.get_hashed(hash, &record.key))
+                    .copied();
+                match flushing {
+                    Some(current) if !record.value.supersedes(&current) => Upsert::Stale,
+                    _ => {
+                        if bounded && held >= self.max_keys_per_shard {
+                            shard.stats.overloaded += 1;
+                            return Err(Overloaded {
+                                max_keys: self.max_keys,
+                            });
+                        }
+                        if vacant.insert(record.key, record.value) {
+                            cell.publish(shard);
+                        }
+                        if flushing.is_some() {
+                            Upsert::Superseded
+                        } else {
+                            Upsert::Inserted
+                        }
                     }
                 }
             }

@@ -6,7 +6,8 @@
 //! between 44 % and 87.5 % full, i.e. 47–94 bytes per key (86 measured at 1 M keys); a
 //! lookup also touches two cache lines (control bytes, then the entry). Here:
 //! - entries live inline in one array, found by linear probing from `fastrange(hash)`, so a
-//!   lookup usually touches one cache line;
+//!   lookup reads a few consecutive cache lines, known from the hash alone and prefetched
+//!   before the lock is taken ([`Location`]);
 //! - capacity is any size, grown by 1.25× at 85 % full, so the table runs between 68 % and
 //!   85 % full: 47–59 bytes per key, plus one occupancy bit per slot.
 //!
@@ -24,6 +25,12 @@ const MAX_LOAD_DEN: usize = 100;
 const GROW_NUM: usize = 5;
 const GROW_DEN: usize = 4;
 const MIN_CAPACITY: usize = 16;
+/// Cache lines of slots prefetched from a lookup's home slot on: 192 bytes, 4.8 slots.
+/// Between 68 % and 85 % full a linear probe runs 2–4 slots for a key it finds and 5–23
+/// for one it does not (every key's first write after a flush), so one line was not
+/// enough. `max` on the server (1 M keys, 15 s runs alternated, BENCHMARKS.md): one line
+/// 7.9–8.2 M heartbeats/s, two 9.1–10.4 M, three 10.3–10.8 M, four 9.7–10.9 M.
+const PREFETCH_LINES: usize = 3;
 
 #[derive(Clone, Copy)]
 struct Slot {
@@ -180,6 +187,27 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
         }
     }
 
+    /// `key`'s value to update, or the free slot where `key` goes: one probe for a lookup
+    /// followed by an insert.
+    #[inline]
+    pub fn entry_hashed(&mut self, hash: u64, key: &Key) -> Entry<'_, S> {
+        if self.slots.is_empty() {
+            return Entry::Vacant(Vacant {
+                map: self,
+                hash,
+                index: None,
+            });
+        }
+        match self.probe(hash, key) {
+            (i, true) => Entry::Occupied(&mut self.slots[i].value),
+            (i, false) => Entry::Vacant(Vacant {
+                map: self,
+                hash,
+                index: Some(i),
+            }),
+        }
+    }
+
     /// Inserts `key`, which must not be present (checked in debug builds).
     pub fn insert_new(&mut self, key: Key, value: Value) {
         self.insert_new_hashed(self.hash(&key), key, value);
@@ -189,7 +217,7 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
     /// map grew, i.e. its [`Location`] changed.
     #[inline]
     pub fn insert_new_hashed(&mut self, hash: u64, key: Key, value: Value) -> bool {
-        let grow = (self.len + 1) * MAX_LOAD_DEN > self.slots.len() * MAX_LOAD_NUM;
+        let grow = self.must_grow();
         if grow {
             let grown = (self.slots.len() * GROW_NUM / GROW_DEN).max(MIN_CAPACITY);
             self.resize(grown.max(slots_for(self.len + 1)));
@@ -198,11 +226,23 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
         grow
     }
 
+    /// Whether one more key would take the map past its maximum load.
+    #[inline]
+    fn must_grow(&self) -> bool {
+        (self.len + 1) * MAX_LOAD_DEN > self.slots.len() * MAX_LOAD_NUM
+    }
+
     /// Puts `slot` in the free slot its probe ends at; its key must be absent and the table
     /// must have room.
     fn place(&mut self, hash: u64, slot: Slot) {
         let (i, found) = self.probe(hash, &slot.key);
         debug_assert!(!found, "insert_new of a key already present");
+        self.fill(i, slot);
+    }
+
+    /// Puts `slot` in the free slot `i`.
+    #[inline]
+    fn fill(&mut self, i: usize, slot: Slot) {
         self.slots[i] = slot;
         self.used[i / 64] |= 1 << (i % 64);
         self.len += 1;
@@ -229,15 +269,48 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
     }
 }
 
+/// What [`KeyMap::entry_hashed`] found.
+pub enum Entry<'a, S> {
+    Occupied(&'a mut Value),
+    Vacant(Vacant<'a, S>),
+}
+
+/// The free slot a probe for an absent key ended at.
+pub struct Vacant<'a, S> {
+    map: &'a mut KeyMap<S>,
+    hash: u64,
+    /// `None` when the map has no slots yet.
+    index: Option<usize>,
+}
+
+impl<S: BuildHasher + Clone> Vacant<'_, S> {
+    /// Inserts the key the probe was for (a different key breaks the map). Returns whether
+    /// the map grew, i.e. its [`Location`] changed: then the key goes where a new probe
+    /// in the grown table ends.
+    #[inline]
+    pub fn insert(self, key: Key, value: Value) -> bool {
+        debug_assert_eq!(self.hash, self.map.hash(&key), "not the probed key");
+        let map = self.map;
+        match self.index {
+            Some(i) if !map.must_grow() => {
+                map.fill(i, Slot { key, value });
+                false
+            }
+            _ => map.insert_new_hashed(self.hash, key, value),
+        }
+    }
+}
+
 /// The slot a probe for `hash` starts at, in a table of `capacity` slots (fastrange).
 #[inline]
 fn home(hash: u64, capacity: usize) -> usize {
     ((u128::from(hash) * capacity as u128) >> 64) as usize
 }
 
-/// Where a map's arrays were when it was last asked: enough to prefetch the two cache
-/// lines a lookup of a hash starts with (its home slot and its occupancy word) from a
-/// thread that does not hold the map. Only ever used as a prefetch address — a stale
+/// Where a map's arrays were when it was last asked: enough to prefetch the cache lines a
+/// lookup of a hash reads (its occupancy word, and [`PREFETCH_LINES`] lines of slots from
+/// its home slot on) from a thread that does not hold the map. Only ever used as a
+/// prefetch address — a stale
 /// location (the map grew or was dropped since) prefetches the wrong line, which costs
 /// nothing but the hint: a prefetch never faults and never reads data into the program.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -254,7 +327,10 @@ impl Location {
             return;
         }
         let i = home(hash, self.capacity);
-        prefetch(self.slots.wrapping_add(i * std::mem::size_of::<Slot>()));
+        let home_slot = self.slots.wrapping_add(i * std::mem::size_of::<Slot>());
+        for line in 0..PREFETCH_LINES {
+            prefetch(home_slot.wrapping_add(line * 64));
+        }
         prefetch(self.used.wrapping_add(i / 64 * 8));
     }
 }
@@ -316,6 +392,37 @@ mod tests {
         // Load stays within the promised band.
         let load = map.len() as f64 / map.capacity() as f64;
         assert!(load <= 0.85 && load > 0.5, "load {load}");
+    }
+
+    /// Lookups followed by inserts through one probe ([`KeyMap::entry_hashed`]) agree with a
+    /// `HashMap`, from an empty map through many growths, and report each growth.
+    #[test]
+    fn entries_insert_where_their_probe_ended() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut map = Map::with_hasher(Default::default());
+        let mut reference = HashMap::new();
+        for step in 0..100_000u64 {
+            let key = Key::new(rng.random_range(0..40_000), 1, rng.random_range(0..2));
+            let value = Value::new(step as u32, step, 1);
+            let capacity = map.capacity();
+            match map.entry_hashed(map.hash(&key), &key) {
+                Entry::Occupied(v) => {
+                    assert_eq!(reference.get(&key), Some(&*v));
+                    *v = value;
+                }
+                Entry::Vacant(vacant) => {
+                    assert!(!reference.contains_key(&key));
+                    let grew = vacant.insert(key, value);
+                    assert_eq!(grew, map.capacity() != capacity);
+                }
+            }
+            reference.insert(key, value);
+        }
+        assert_eq!(map.len(), reference.len());
+        for (k, v) in &reference {
+            assert_eq!(map.get(k), Some(v));
+        }
     }
 
     #[test]
