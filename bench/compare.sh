@@ -6,7 +6,8 @@
 #   2. http     wrk POST /api/v1/stream/progress with a valid JWT against Playhead vs nginx
 #               answering a bare `return 204` (one worker each, same wrk settings;
 #               alternated twice, averaged).
-#   3. read     resume reads at a fixed rate (p99) and at max: Playhead HTTP GET vs Redis GET.
+#   3. read     resume reads at a fixed rate (p99) and at max: Playhead HTTP GET vs Redis GET;
+#               nginx answering the same GETs with a bare 204 gives the generator's p99 floor.
 #   4. amplification  `fleet` (4 s heartbeats) at flush intervals 1 s, 5 s, 30 s:
 #               heartbeats received / rows written to the store.
 #
@@ -114,7 +115,7 @@ PY
 loadgen() { # runs the load generator, prints the JSON report path
   local report="$WORK/report-$RANDOM.json"
   "$LOADGEN" "$@" --threads "$LOADGEN_THREADS" --duration-secs "$DURATION" --warmup-secs "$WARMUP" \
-    --binary-addr "127.0.0.1:$BINARY_PORT" --http-addr "127.0.0.1:$HTTP_PORT" \
+    --binary-addr "127.0.0.1:$BINARY_PORT" --http-addr "127.0.0.1:${LOADGEN_HTTP_PORT:-$HTTP_PORT}" \
     --redis-addr "127.0.0.1:$REDIS_PORT" --quiet --json "$report" > "$WORK/loadgen.out" 2>&1 \
     || { cat "$WORK/loadgen.out" >&2; exit 1; }
   echo "$report"
@@ -237,6 +238,13 @@ section_read() {
   record read redis max_per_sec "$(field "$r" "r['acked_per_sec']")" "req/s" "GET, closed loop, 64 connections"
   record read redis p99_at_max_ms "$(field "$r" "r['latency']['p99']")" ms ""
   stop_redis
+  # The floor of this measurement: the same generator at the same rate against nginx
+  # answering every GET with a bare 204 (no work at all behind it). Whatever p99 nginx
+  # gets here is the client's and the machine's share of every p99 above.
+  start_nginx
+  r=$(LOADGEN_HTTP_PORT=$NGINX_PORT loadgen read --protocol http --keys 100000 --connections 64 --rate 50000)
+  record read nginx-204 p99_at_50k_ms "$(field "$r" "r['latency']['p99']")" ms "the generator's floor: same GETs, open loop 50 k/s, nginx return 204"
+  stop_nginx
 }
 
 section_amplification() {
