@@ -261,8 +261,8 @@ pub struct WalConfig {
     /// Appended bytes not yet written to the file. Past it, appends are refused
     /// ("overloaded") until the writer catches up.
     pub max_buffer_bytes: usize,
-    /// When the segments on disk exceed this (the store has been down for long), a snapshot
-    /// of the unflushed keys replaces them.
+    /// When the segments on disk exceed this (the store is down or slow, or ingest outpaces
+    /// the flush cadence), a snapshot of the unflushed keys replaces them.
     pub snapshot_after_bytes: u64,
 }
 
