@@ -63,6 +63,9 @@ pub const MAX_RECORDS_PER_FRAME: usize = 65_536;
 const MAX_FRAME_PAYLOAD: usize = MAX_RECORDS_PER_FRAME * Record::ENCODED_BYTES;
 /// In periodic mode the writer drains the buffer at least this often.
 const PERIODIC_WRITE_EVERY: Duration = Duration::from_millis(2);
+/// How long the writer sleeps with nothing to do before looking again. Every event that
+/// gives it work wakes it, so this is only a safety net.
+const IDLE_WAIT: Duration = Duration::from_secs(5);
 /// After an I/O error the writer retries on a fresh file this often.
 const RETRY_AFTER_ERROR: Duration = Duration::from_millis(200);
 
@@ -162,6 +165,9 @@ struct AppendState {
     spare: Vec<Vec<u8>>,
     /// Set by the syncer when an fsync it was handed finishes; taken by the writer.
     sync_done: Option<SyncDone>,
+    /// The writer sleeps with nothing to write or sync: the next append wakes it. Busy,
+    /// it is not woken per append (periodic mode batches for `PERIODIC_WRITE_EVERY`).
+    writer_idle: bool,
 }
 
 struct Shared {
@@ -261,6 +267,7 @@ impl Wal {
                 failing: None,
                 spare: Vec::new(),
                 sync_done: None,
+                writer_idle: false,
             }),
             wake_writer: Condvar::new(),
             durable,
@@ -341,8 +348,9 @@ impl Wal {
         if st.segment_fill >= opts.segment_bytes {
             seal(&mut st);
         }
-        let wake =
-            opts.sync_mode == SyncMode::Group || st.pending_bytes >= opts.max_buffer_bytes / 4;
+        let wake = opts.sync_mode == SyncMode::Group
+            || st.pending_bytes >= opts.max_buffer_bytes / 4
+            || std::mem::take(&mut st.writer_idle);
         drop(st);
         if wake {
             self.shared.wake_writer.notify_one();
@@ -876,7 +884,13 @@ impl Writer {
                 let work = st.sync_done.is_some()
                     || (can_write && has_chunks)
                     || (st.closed && self.syncing.is_none());
-                if !work {
+                if !work && !has_chunks && !sync_due && self.syncing.is_none() {
+                    // Everything written is durable: sleep until an append, a rotation,
+                    // the syncer or close wakes us, instead of polling every 2 ms.
+                    st.writer_idle = true;
+                    self.shared.wake_writer.wait_for(&mut st, IDLE_WAIT);
+                    st.writer_idle = false;
+                } else if !work {
                     let wait = if group && !sync_due {
                         sync_interval.max(Duration::from_millis(10))
                     } else {
@@ -1278,6 +1292,29 @@ mod tests {
         assert_eq!(seen, all);
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         assert!(report.segments > 1, "64 KiB segments must have rotated");
+    }
+
+    /// With everything durable the writer sleeps (no 2 ms polling), and an append wakes
+    /// it: the record is written and fsynced long before the sleep would have ended.
+    #[test]
+    fn an_append_wakes_the_idle_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(opts(dir.path(), SyncMode::Periodic), |_| {}).unwrap();
+        for salt in 1..=3 {
+            // Let the writer write, sync and fall asleep.
+            std::thread::sleep(Duration::from_millis(50));
+            let started = Instant::now();
+            let lsn = wal.append(&recs(10, salt)).unwrap();
+            while wal.synced_lsn() < lsn {
+                assert!(
+                    started.elapsed() < IDLE_WAIT / 2,
+                    "append {salt} did not wake the idle writer"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        wal.close();
+        assert_eq!(reopen(dir.path()).0.len(), 30);
     }
 
     #[test]
