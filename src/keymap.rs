@@ -6,8 +6,8 @@
 //! between 44 % and 87.5 % full, i.e. 47–94 bytes per key (86 measured at 1 M keys); a
 //! lookup also touches two cache lines (control bytes, then the entry). Here:
 //! - entries live inline in one array, found by linear probing from `fastrange(hash)`, so a
-//!   lookup reads a few consecutive cache lines, known from the hash alone and prefetched
-//!   before the lock is taken ([`Location`]);
+//!   lookup reads a few consecutive cache lines, known from the hash alone, which batch
+//!   upserts prefetch before they take the lock ([`Location`]);
 //! - capacity is any size, grown by 1.25× at 85 % full, so the table runs between 68 % and
 //!   85 % full: 47–59 bytes per key, plus one occupancy bit per slot.
 //!
@@ -25,7 +25,8 @@ const MAX_LOAD_DEN: usize = 100;
 const GROW_NUM: usize = 5;
 const GROW_DEN: usize = 4;
 const MIN_CAPACITY: usize = 16;
-/// Cache lines of slots prefetched from a lookup's home slot on: 192 bytes, 4.8 slots.
+/// Cache lines prefetched from a lookup's home slot on: 129–192 bytes past its start,
+/// 3.2–4.8 slots of 40 bytes.
 /// Between 68 % and 85 % full a linear probe runs 2–4 slots for a key it finds and 5–23
 /// for one it does not (every key's first write after a flush), so one line was not
 /// enough. `max` on the server (1 M keys, 15 s runs alternated, BENCHMARKS.md): one line

@@ -885,8 +885,9 @@ impl Writer {
                     || (can_write && has_chunks)
                     || (st.closed && self.syncing.is_none());
                 if !work && !has_chunks && !sync_due && self.syncing.is_none() {
-                    // Everything written is durable: sleep until an append, a rotation,
-                    // the syncer or close wakes us, instead of polling every 2 ms.
+                    // Everything written is durable: sleep until the next append or close
+                    // wakes us (a rotation does too, with nothing to do), instead of
+                    // polling every 2 ms.
                     st.writer_idle = true;
                     self.shared.wake_writer.wait_for(&mut st, IDLE_WAIT);
                     st.writer_idle = false;
