@@ -26,8 +26,7 @@ const GROW_NUM: usize = 5;
 const GROW_DEN: usize = 4;
 const MIN_CAPACITY: usize = 16;
 /// Cache lines prefetched from a lookup's home slot on: 129–192 bytes past its start,
-/// 3.2–4.8 slots of 40 bytes.
-/// Between 68 % and 85 % full a linear probe runs 2–4 slots for a key it finds and 5–23
+/// 3.2–4.8 slots of 40 bytes. Between 68 % and 85 % full a linear probe runs 2–4 slots for a key it finds and 5–23
 /// for one it does not (every key's first write after a flush), so one line was not
 /// enough. `max` on the server (1 M keys, 15 s runs alternated, BENCHMARKS.md): one line
 /// 7.9–8.2 M heartbeats/s, two 9.1–10.4 M, three 10.3–10.8 M, four 9.7–10.9 M.
@@ -311,9 +310,9 @@ fn home(hash: u64, capacity: usize) -> usize {
 /// Where a map's arrays were when it was last asked: enough to prefetch the cache lines a
 /// lookup of a hash reads (its occupancy word, and [`PREFETCH_LINES`] lines of slots from
 /// its home slot on) from a thread that does not hold the map. Only ever used as a
-/// prefetch address — a stale
-/// location (the map grew or was dropped since) prefetches the wrong line, which costs
-/// nothing but the hint: a prefetch never faults and never reads data into the program.
+/// prefetch address — a stale location (the map grew or was dropped since) prefetches the
+/// wrong lines, which costs nothing but the hint: a prefetch never faults and never reads
+/// data into the program.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Location {
     pub slots: usize,
