@@ -487,13 +487,15 @@ impl Coalescer {
                 shard.frozen = None;
             }
             for (key, value) in map.iter() {
-                match shard.active.get_mut(key) {
-                    Some(current) => {
+                match shard.active.entry_hashed(shard.active.hash(key), key) {
+                    Entry::Occupied(current) => {
                         if value.supersedes(current) {
                             *current = *value;
                         }
                     }
-                    None => shard.active.insert_new(*key, *value),
+                    Entry::Vacant(vacant) => {
+                        vacant.insert(*key, *value);
+                    }
                 }
             }
             cell.publish(shard);

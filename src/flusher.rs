@@ -339,8 +339,9 @@ pub async fn log_guard_loop(shared: Arc<Shared>) {
             .stats()
             .segment_bytes_on_disk
             .load(Ordering::Relaxed);
-        if std::mem::replace(&mut cycles_seen, cycles()) < cycles_seen {
-            progressed_at = Instant::now();
+        let completed = cycles();
+        if completed != cycles_seen {
+            (cycles_seen, progressed_at) = (completed, Instant::now());
         }
         if on_disk <= limit {
             continue;

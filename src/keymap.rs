@@ -172,18 +172,9 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
     }
 
     pub fn get_mut(&mut self, key: &Key) -> Option<&mut Value> {
-        self.get_mut_hashed(self.hash(key), key)
-    }
-
-    /// [`KeyMap::get_mut`] with `hash` = [`KeyMap::hash`]`(key)`.
-    #[inline]
-    pub fn get_mut_hashed(&mut self, hash: u64, key: &Key) -> Option<&mut Value> {
-        if self.len == 0 {
-            return None;
-        }
-        match self.probe(hash, key) {
-            (i, true) => Some(&mut self.slots[i].value),
-            _ => None,
+        match self.entry_hashed(self.hash(key), key) {
+            Entry::Occupied(value) => Some(value),
+            Entry::Vacant(_) => None,
         }
     }
 
