@@ -9,7 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use playhead::coalescer::Coalescer;
+use playhead::coalescer::{Checkpoint, Coalescer, Pick};
 use playhead::model::{Key, Record, Value};
 
 const KEYS: u64 = 1_000_000;
@@ -70,15 +70,26 @@ fn upsert(c: &mut Criterion) {
     });
 
     // One flush interval's ingest-side work when every key is rewritten each interval (as
-    // `playhead-loadgen max` does): 1 M upserts into the fresh active tables, then the
-    // flush's freeze and release (the store write itself is benches/flush.rs).
+    // `playhead-loadgen max` does): 1 M upserts, then the flush's pick of every dirty key
+    // and its mark-stored pass (the store write itself is benches/flush.rs).
     let cycling = Coalescer::new(64, 4 * KEYS as usize);
-    group.bench_function("1M_keys_then_freeze_and_release", |b| {
+    let pick_all = Pick {
+        idle_before: 0,
+        all: true,
+        checkpoint: Checkpoint {
+            period_ms: 0,
+            from_ms: 0,
+            to_ms: 0,
+        },
+        max_rows: usize::MAX,
+    };
+    group.bench_function("1M_keys_then_pick_and_mark_stored", |b| {
         b.iter(|| {
             upsert_in_batches_of_1024(&cycling, &batches[round % batches.len()]);
             round += 1;
-            let frozen = cycling.freeze();
-            cycling.release(frozen);
+            cycling.advance_epoch();
+            let picked = cycling.pick(&pick_all);
+            cycling.mark_stored(&picked);
         })
     });
 

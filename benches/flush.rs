@@ -1,5 +1,5 @@
 //! Flush of 1 M dirty keys from the coalescer to the embedded fjall store, through the
-//! real engine (rotate, freeze, batches, LWW read-compare-write, durable commit).
+//! real engine (rotate, pick, batches, LWW read-compare-write, durable commit).
 //! Target (issue 2): <= 1.5 s.
 //!
 //! Each case runs with the store's default reads (`adaptive`: key-ordered batches,

@@ -1,31 +1,53 @@
-//! The sharded in-memory memtable: keeps only the newest value per key between flushes.
+//! The sharded in-memory memtable: keeps the newest value per key, and which keys the store
+//! still lacks, so that a flush writes each key when it matters rather than on every cycle.
 //!
-//! Each shard holds two maps behind one `parking_lot` mutex (never held across an `.await`):
-//! - `active`: every key written since the last flush began — all of it is dirty;
-//! - `frozen`: the map the running flush is writing to the store, kept readable until the
-//!   store has acknowledged it, so a read sees the newest value at every moment.
+//! Each shard is one [`KeyMap`](crate::keymap::KeyMap) behind a `parking_lot` mutex (never
+//! held across an `.await`). Every entry carries a 4-byte [`Meta`]: the *flush epoch* in
+//! which its value was written, and a dirty bit (the store does not have the value yet).
 //!
-//! A flush swaps `active` for an empty map (O(1) per shard, so ingest never waits on a
-//! flush) and releases `frozen` only after the store's acknowledgement. A key that is in
-//! neither map is therefore either never written or already in the store.
+//! **Epochs.** The flusher starts each cycle by sealing the commit log and then advancing
+//! the epoch ([`Coalescer::advance_epoch`]); an upsert tags its value with the epoch it read
+//! before appending. So a value tagged `e` was appended after the seal that opened epoch
+//! `e`: its record lives in that epoch's first segment or a later one. That gives the two
+//! facts the key-aware flush needs:
+//! - *idle*: a key whose epoch is older than the epoch opened `flush.idle_ms` ago has not
+//!   been written since (the viewer paused, stopped or left) — write it now, then forget it;
+//! - *log coverage*: once a cycle has stored what it picked, every dirty key left in memory
+//!   has an epoch at least the oldest unpicked one, so every segment before that epoch's
+//!   first segment holds nothing the store lacks and can be dropped — whether or not the
+//!   keys that are still playing were ever written to the store.
 //!
-//! Napkin math: an entry is a 24-byte key plus a 16-byte value = 40 bytes, inline in an
-//! open-addressing table ([`crate::keymap`]) kept between 68 % and 85 % full: 47–59 bytes
-//! per live key, plus one occupancy bit per slot (BENCHMARKS.md has the measured figure).
+//! A key that keeps playing is written only by the checkpoint: once per
+//! `flush.checkpoint_ms`, at a phase fixed by its key, so checkpoints spread evenly over the
+//! period instead of bunching up. Its entry then stays in memory, clean, until the next
+//! heartbeat dirties it again or it goes idle and is evicted without another write.
+//!
+//! Reads see the newest value at every moment: a flush copies what it writes and changes
+//! nothing in the map until the store has acknowledged it ([`Coalescer::mark_stored`]), and
+//! then only entries whose value is still the one written.
+//!
+//! Napkin math: an entry is a 24-byte key, a 16-byte value and 4 bytes of [`Meta`] = 44
+//! bytes, inline in an open-addressing table ([`crate::keymap`]) kept between 68 % and 85 %
+//! full: 52–65 bytes per key held, plus one occupancy bit per slot.
 
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use crossbeam::utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::keymap::{Entry, Location};
-use crate::model::{Key, Record, Value};
+use crate::keymap::{Entry, Held, Location, Meta};
+use crate::model::{Key, Record};
 
 type Hasher = foldhash::fast::RandomState;
-/// One shard's map. Public so a flush can iterate the frozen maps it was handed.
+/// One shard's map.
 pub type ShardMap = crate::keymap::KeyMap<Hasher>;
+
+/// The epoch of values replayed from the commit log at start: older than any live write,
+/// so they count as idle and the first cycle writes them.
+pub const REPLAYED_EPOCH: u32 = 0;
+/// The first live epoch.
+pub const FIRST_EPOCH: u32 = 1;
 
 /// Refusal to take a new key: the coalescer is at its configured bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -52,34 +74,33 @@ pub struct CoalescerStats {
     pub superseded: u64,
     pub stale: u64,
     pub overloaded: u64,
-    /// Keys in `active` maps: dirtied since the current flush began.
+    /// Keys whose newest value the store does not have yet (the running flush's included).
     pub dirty_keys: u64,
-    /// Keys in `frozen` maps: being written by the running flush.
+    /// Keys the running flush is writing.
     pub flushing_keys: u64,
+    /// Keys held in memory whose value the store has: kept for reads and for the next
+    /// heartbeat, evicted once idle.
+    pub clean_keys: u64,
+    /// Clean keys evicted so far.
+    pub evicted: u64,
 }
 
 struct Shard {
-    active: ShardMap,
-    frozen: Option<Arc<ShardMap>>,
-    /// The last released frozen map, emptied: the next freeze reuses it as the new active
-    /// map instead of allocating (and filling, and faulting in) a fresh one. 1 M upserts
-    /// plus a freeze and release took 66–83 ms with reuse against 91–94 ms without
-    /// (benches/coalescer.rs, BENCHMARKS.md). Costs no more memory than a running flush
-    /// already holds (active plus frozen).
-    spare: Option<ShardMap>,
+    map: ShardMap,
+    /// Entries of `map` that are dirty.
+    dirty: usize,
     stats: CoalescerStats,
 }
 
 /// How many records ahead a batch upsert computes hashes and prefetches table lines: a
-/// 1 M-key coalescer is far larger than the caches, so each upsert starts with a memory
-/// miss (~100–200 ns here) that prefetching overlaps with the upserts before it.
+/// coalescer of millions of keys is far larger than the caches, so each upsert starts with
+/// a memory miss (~100–200 ns here) that prefetching overlaps with the upserts before it.
 const PREFETCH_AHEAD: usize = 8;
 
-/// A shard and where its tables are, for prefetching without taking the lock.
+/// A shard and where its table is, for prefetching without taking the lock.
 struct ShardCell {
     shard: Mutex<Shard>,
-    active: AtomicLocation,
-    frozen: AtomicLocation,
+    location: AtomicLocation,
 }
 
 impl ShardCell {
@@ -87,24 +108,17 @@ impl ShardCell {
         self.shard.lock()
     }
 
-    /// Records where `shard`'s tables are now. Called under the lock after every change
-    /// that moves a table (growth, freeze, release, thaw).
+    /// Records where `shard`'s table is now. Called under the lock after every change that
+    /// moves it (growth, shrinking).
     fn publish(&self, shard: &Shard) {
-        self.active.store(shard.active.location());
-        self.frozen.store(
-            shard
-                .frozen
-                .as_ref()
-                .map_or_else(Location::default, |f| f.location()),
-        );
+        self.location.store(shard.map.location());
     }
 
-    /// Prefetches the lines a lookup of `hash` will touch. Reads the published locations
+    /// Prefetches the lines a lookup of `hash` will touch. Reads the published location
     /// without the lock: a stale one only makes the hint useless (see [`Location`]).
     #[inline]
     fn prefetch(&self, hash: u64) {
-        self.active.load().prefetch(hash);
-        self.frozen.load().prefetch(hash);
+        self.location.load().prefetch(hash);
     }
 }
 
@@ -133,51 +147,90 @@ impl AtomicLocation {
     }
 }
 
-impl Shard {
-    fn frozen_len(&self) -> usize {
-        self.frozen.as_ref().map_or(0, |f| f.len())
+/// Which dirty keys a flush cycle takes ([`Coalescer::pick`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Pick {
+    /// Dirty keys last written in an epoch before this one are idle: written, and evicted
+    /// once stored. Clean keys this old are evicted.
+    pub idle_before: u32,
+    /// Every dirty key, whatever its age (a manual flush, the final flush on shutdown).
+    pub all: bool,
+    /// The checkpoint window: a dirty key whose phase lies in it is written.
+    pub checkpoint: Checkpoint,
+    /// At most this many rows; the rest wait for the next cycle.
+    pub max_rows: usize,
+}
+
+/// A slice of the checkpoint period: keys whose phase (a hash of the key, in
+/// `0..period_ms`) falls in `[from_ms, to_ms)` modulo the period are due. Successive
+/// cycles take successive slices, so every key playing through a whole period is written
+/// exactly once in it.
+#[derive(Clone, Copy, Debug)]
+pub struct Checkpoint {
+    /// 0: every dirty key is due in every cycle.
+    pub period_ms: u64,
+    pub from_ms: u64,
+    pub to_ms: u64,
+}
+
+impl Checkpoint {
+    #[inline]
+    fn due(&self, key: &Key) -> bool {
+        if self.period_ms == 0 || self.to_ms.saturating_sub(self.from_ms) >= self.period_ms {
+            return true;
+        }
+        let phase = phase_ms(key, self.period_ms);
+        let (from, to) = (self.from_ms % self.period_ms, self.to_ms % self.period_ms);
+        if from <= to {
+            (from..to).contains(&phase)
+        } else {
+            phase >= from || phase < to
+        }
     }
 }
 
-/// The maps one flush took out of the shards, to be written to the store and then handed
-/// back to [`Coalescer::release`].
-pub struct Frozen {
-    maps: Vec<(usize, Arc<ShardMap>)>,
+/// Where in a checkpoint period of `period_ms` a key's checkpoint falls: a cheap mix of
+/// the key, fixed for the key's life, so a profile's titles and a household's profiles
+/// spread over the period.
+#[inline]
+fn phase_ms(key: &Key, period_ms: u64) -> u64 {
+    let mixed = key
+        .account_id
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .rotate_left(29)
+        ^ key.profile_id.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ key.title_id.wrapping_mul(0x1656_67B1_9E37_79F9);
+    (mixed >> 17) % period_ms
 }
 
-impl Frozen {
+/// What a flush cycle took: copies of the values to write, and what the log may drop once
+/// the store has them.
+pub struct Picked {
+    pub records: Vec<Record>,
+    /// The epoch the cycle opened: every write after the pick carries it or a later one.
+    pub epoch: u32,
+    /// The oldest epoch among dirty keys left unpicked, if any.
+    pub oldest_unpicked: Option<u32>,
+    /// Whether `max_rows` cut the pick short.
+    pub capped: bool,
+    idle_before: u32,
+}
+
+impl Picked {
     /// Number of distinct keys to write.
     pub fn len(&self) -> usize {
-        self.maps.iter().map(|(_, m)| m.len()).sum()
+        self.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.maps.is_empty()
+        self.records.is_empty()
     }
 
-    /// Every record to write, each key once.
-    pub fn records(&self) -> impl Iterator<Item = Record> + '_ {
-        self.maps
-            .iter()
-            .flat_map(|(_, m)| m.iter().map(|(k, v)| Record::new(*k, *v)))
-    }
-
-    /// Every record to write, each key once, in key order. Sorts on a blocking thread: 1 M
-    /// keys take ~0.1 s, too long to hold a runtime worker. Costs a copy of the frozen set
-    /// (40 bytes per key, bounded by `coalescer.max_keys`).
-    pub async fn records_in_key_order(&self) -> Vec<Record> {
-        let maps: Vec<Arc<ShardMap>> = self.maps.iter().map(|(_, m)| Arc::clone(m)).collect();
-        let rows = self.len();
-        tokio::task::spawn_blocking(move || {
-            let mut records = Vec::with_capacity(rows);
-            for map in &maps {
-                records.extend(map.iter().map(|(k, v)| Record::new(*k, *v)));
-            }
-            records.sort_unstable_by_key(|r| r.key);
-            records
-        })
-        .await
-        .expect("sorting the frozen records panicked")
+    /// The oldest epoch a dirty key can have once this pick is stored: what the commit log
+    /// must keep from.
+    pub fn oldest_dirty_after(&self) -> u32 {
+        self.oldest_unpicked
+            .map_or(self.epoch, |o| o.min(self.epoch))
     }
 }
 
@@ -190,10 +243,15 @@ pub struct Coalescer {
     map_hasher: Hasher,
     /// Chooses the shard from (account_id, profile_id), so one profile's titles share a shard.
     shard_hasher: Hasher,
-    /// Each shard may hold `max_keys / shards` keys (active plus frozen): a lock-local check,
+    /// Each shard may hold `max_keys / shards` keys (dirty plus clean): a lock-local check,
     /// no shared counter on the hot path. The hash spreads keys evenly, so the bound is tight.
     max_keys_per_shard: usize,
     max_keys: usize,
+    /// The current flush epoch (see the module documentation). Written by the flusher only,
+    /// with `Release` after it sealed the log; read with `Acquire` by upserts.
+    epoch: AtomicU32,
+    /// Rows the running flush cycle is writing.
+    flushing: AtomicUsize,
 }
 
 impl Coalescer {
@@ -206,13 +264,11 @@ impl Coalescer {
             .map(|_| {
                 CachePadded::new(ShardCell {
                     shard: Mutex::new(Shard {
-                        active: ShardMap::with_hasher(hasher.clone()),
-                        frozen: None,
-                        spare: None,
+                        map: ShardMap::with_hasher(hasher.clone()),
+                        dirty: 0,
                         stats: CoalescerStats::default(),
                     }),
-                    active: AtomicLocation::default(),
-                    frozen: AtomicLocation::default(),
+                    location: AtomicLocation::default(),
                 })
             })
             .collect();
@@ -223,6 +279,8 @@ impl Coalescer {
             shard_hasher: Hasher::default(),
             max_keys_per_shard: max_keys.div_ceil(shards),
             max_keys,
+            epoch: AtomicU32::new(FIRST_EPOCH),
+            flushing: AtomicUsize::new(0),
         }
     }
 
@@ -230,15 +288,31 @@ impl Coalescer {
         (self.shard_hasher.hash_one((key.account_id, key.profile_id)) as usize) & self.shard_mask
     }
 
-    /// Keeps `record` if it is newer than what memory holds for its key.
-    pub fn upsert(&self, record: &Record) -> Result<Upsert, Overloaded> {
-        self.upsert_inner(record, true)
+    /// The epoch upserts tag their values with now.
+    pub fn epoch(&self) -> u32 {
+        self.epoch.load(Ordering::Acquire)
     }
 
-    /// Like [`Coalescer::upsert`] but ignores the key bound: used by log replay, which must
-    /// never drop acknowledged data even if `max_keys` was lowered since.
+    /// Opens the next epoch and returns it. Call right after sealing the commit log: a
+    /// value tagged with the new epoch is then appended to a later segment.
+    pub fn advance_epoch(&self) -> u32 {
+        let next = self.epoch.load(Ordering::Relaxed) + 1;
+        assert!(next <= Meta::MAX_EPOCH, "flush epochs exhausted");
+        self.epoch.store(next, Ordering::Release);
+        next
+    }
+
+    /// Keeps `record` if it is newer than what memory holds for its key.
+    pub fn upsert(&self, record: &Record) -> Result<Upsert, Overloaded> {
+        let located = self.locate(record);
+        self.upsert_located(&located, true, self.epoch())
+    }
+
+    /// Like [`Coalescer::upsert`] but ignores the key bound and tags the value as replayed:
+    /// used by log replay, which must never drop acknowledged data even if `max_keys` was
+    /// lowered since.
     pub fn upsert_unbounded(&self, record: &Record) -> Upsert {
-        self.upsert_inner(record, false)
+        self.upsert_located(&self.locate(record), false, REPLAYED_EPOCH)
             .expect("unbounded upsert cannot overload")
     }
 
@@ -250,7 +324,7 @@ impl Coalescer {
         let threads = threads.clamp(1, self.shards.len());
         let ignore = |_: Upsert| {};
         if threads == 1 || records.len() < 4_096 {
-            self.upsert_all(records, false, ignore)
+            self.upsert_all(records, false, REPLAYED_EPOCH, ignore)
                 .expect("unbounded upsert cannot overload");
             return;
         }
@@ -260,7 +334,7 @@ impl Coalescer {
                     let mine = records
                         .iter()
                         .filter(|r| self.shard_index(&r.key) % threads == t);
-                    self.upsert_all(mine, false, ignore)
+                    self.upsert_all(mine, false, REPLAYED_EPOCH, ignore)
                         .expect("unbounded upsert cannot overload");
                 });
             }
@@ -276,7 +350,9 @@ impl Coalescer {
     /// second pass cost more than uncontended locks.
     pub fn upsert_batch(&self, records: &[Record]) -> Result<(usize, usize), Overloaded> {
         let (mut applied, mut stale) = (0, 0);
-        self.upsert_all(records, true, |outcome| match outcome {
+        // One epoch for the batch, read before any of it is appended (see the module doc).
+        let epoch = self.epoch();
+        self.upsert_all(records, true, epoch, |outcome| match outcome {
             Upsert::Stale => stale += 1,
             _ => applied += 1,
         })?;
@@ -289,6 +365,7 @@ impl Coalescer {
         &self,
         records: impl IntoIterator<Item = &'a Record>,
         bounded: bool,
+        epoch: u32,
         mut outcome: impl FnMut(Upsert),
     ) -> Result<(), Overloaded> {
         let mut records = records.into_iter().fuse();
@@ -298,7 +375,7 @@ impl Coalescer {
         while let Some(located) = ring[next].take() {
             ring[next] = records.next().map(|r| self.locate(r));
             next = (next + 1) % PREFETCH_AHEAD;
-            outcome(self.upsert_located(&located, bounded)?);
+            outcome(self.upsert_located(&located, bounded, epoch)?);
         }
         Ok(())
     }
@@ -316,56 +393,44 @@ impl Coalescer {
         }
     }
 
-    fn upsert_inner(&self, record: &Record, bounded: bool) -> Result<Upsert, Overloaded> {
-        let located = Located {
-            record,
-            shard: self.shard_index(&record.key),
-            hash: self.map_hasher.hash_one(record.key),
-        };
-        self.upsert_located(&located, bounded)
-    }
-
-    /// The upsert itself: takes the shard's lock and applies the record.
-    fn upsert_located(&self, located: &Located<'_>, bounded: bool) -> Result<Upsert, Overloaded> {
+    /// The upsert itself: takes the shard's lock and applies the record, tagged `epoch`.
+    fn upsert_located(
+        &self,
+        located: &Located<'_>,
+        bounded: bool,
+        epoch: u32,
+    ) -> Result<Upsert, Overloaded> {
         let cell = &self.shards[located.shard];
         let mut guard = cell.lock();
         let shard = &mut *guard;
         let (record, hash) = (located.record, located.hash);
-        let held = shard.active.len() + shard.frozen_len();
-        let outcome = match shard.active.entry_hashed(hash, &record.key) {
-            Entry::Occupied(current) => {
-                if record.value.supersedes(current) {
-                    *current = record.value;
+        let held = shard.map.len();
+        let outcome = match shard.map.entry_hashed(hash, &record.key) {
+            Entry::Occupied(mut current) => {
+                let was = current.get();
+                if record.value.supersedes(&was.value) {
+                    if !was.meta.is_dirty() {
+                        shard.dirty += 1;
+                    }
+                    current.set(Held::new(record.value, Meta::dirty(epoch)));
                     Upsert::Superseded
                 } else {
                     Upsert::Stale
                 }
             }
             Entry::Vacant(vacant) => {
-                let flushing = shard
-                    .frozen
-                    .as_ref()
-                    .and_then(|f| f.get_hashed(hash, &record.key))
-                    .copied();
-                match flushing {
-                    Some(current) if !record.value.supersedes(&current) => Upsert::Stale,
-                    _ => {
-                        if bounded && held >= self.max_keys_per_shard {
-                            shard.stats.overloaded += 1;
-                            return Err(Overloaded {
-                                max_keys: self.max_keys,
-                            });
-                        }
-                        if vacant.insert(record.key, record.value) {
-                            cell.publish(shard);
-                        }
-                        if flushing.is_some() {
-                            Upsert::Superseded
-                        } else {
-                            Upsert::Inserted
-                        }
-                    }
+                if bounded && held >= self.max_keys_per_shard {
+                    shard.stats.overloaded += 1;
+                    return Err(Overloaded {
+                        max_keys: self.max_keys,
+                    });
                 }
+                let grew = vacant.insert(record.key, Held::new(record.value, Meta::dirty(epoch)));
+                shard.dirty += 1;
+                if grew {
+                    cell.publish(shard);
+                }
+                Upsert::Inserted
             }
         };
         match outcome {
@@ -376,15 +441,11 @@ impl Coalescer {
         Ok(outcome)
     }
 
-    /// The newest value memory holds for `key` (a tombstone included), or `None` when the
-    /// store holds the newest.
-    pub fn get(&self, key: &Key) -> Option<Value> {
+    /// The newest value memory holds for `key` (a tombstone included), or `None` when only
+    /// the store can know.
+    pub fn get(&self, key: &Key) -> Option<crate::model::Value> {
         let shard = self.shards[self.shard_index(key)].lock();
-        shard
-            .active
-            .get(key)
-            .or_else(|| shard.frozen.as_ref().and_then(|f| f.get(key)))
-            .copied()
+        shard.map.get(key).map(|held| held.value)
     }
 
     /// Values memory holds for one profile, newest per title. O(keys in one shard): for
@@ -392,130 +453,118 @@ impl Coalescer {
     pub fn profile_entries(&self, account_id: u64, profile_id: u64) -> Vec<Record> {
         let probe = Key::new(account_id, profile_id, 0);
         let shard = self.shards[self.shard_index(&probe)].lock();
-        let mut out: Vec<Record> = shard
-            .active
+        shard
+            .map
             .iter()
             .filter(|(k, _)| k.account_id == account_id && k.profile_id == profile_id)
-            .map(|(k, v)| Record::new(*k, *v))
-            .collect();
-        if let Some(frozen) = &shard.frozen {
-            for (k, v) in frozen.iter() {
-                if k.account_id == account_id
-                    && k.profile_id == profile_id
-                    && !shard.active.contains_key(k)
-                {
-                    out.push(Record::new(*k, *v));
-                }
-            }
-        }
-        out
+            .map(|(k, held)| Record::new(k, held.value))
+            .collect()
     }
 
-    /// Starts a flush: every shard's `active` map becomes its `frozen` map. O(shards).
+    /// Starts a flush cycle's write: copies the dirty keys `pick` selects, evicts clean
+    /// keys that went idle (or, in a shard near its bound, every clean key), and shrinks
+    /// tables that emptied. Changes no dirty entry: until [`Coalescer::mark_stored`], a
+    /// failed or abandoned flush leaves memory exactly as it was.
     ///
-    /// Panics if the previous [`Frozen`] was not released: flushes are sequential.
-    pub fn freeze(&self) -> Frozen {
-        let mut maps = Vec::new();
-        // Spares that do not suit their shard's load, freed after the loop.
-        let mut unsuitable = Vec::new();
-        for (index, cell) in self.shards.iter().enumerate() {
-            let mut shard = cell.lock();
-            assert!(
-                shard.frozen.is_none(),
-                "freeze while a flush is still running"
-            );
-            if shard.active.is_empty() {
-                // Nothing dirtied this interval: the load fell to zero, so does the spare.
-                unsuitable.extend(shard.spare.take());
-                continue;
-            }
-            let keys = shard.active.len();
-            let fresh = match shard.spare.take() {
-                Some(spare) if spare.suits(keys) => spare,
-                spare => {
-                    unsuitable.extend(spare);
-                    ShardMap::with_capacity_and_hasher(keys, shard.active.hasher().clone())
-                }
-            };
-            let taken = std::mem::replace(&mut shard.active, fresh);
-            let taken = Arc::new(taken);
-            shard.frozen = Some(Arc::clone(&taken));
-            cell.publish(&shard);
-            maps.push((index, taken));
-        }
-        drop(unsuitable);
-        Frozen { maps }
-    }
-
-    /// Ends a flush once the store has acknowledged every record of `frozen`: reads of
-    /// those keys go to the store from now on, and each frozen map, emptied, becomes its
-    /// shard's spare for the next freeze.
-    pub fn release(&self, frozen: Frozen) {
-        for (index, map) in frozen.maps {
-            let cell = &self.shards[index];
-            let released = {
-                let mut shard = cell.lock();
-                let released = match &shard.frozen {
-                    Some(current) if Arc::ptr_eq(current, &map) => shard.frozen.take(),
-                    _ => None,
-                };
-                cell.publish(&shard);
-                released
-            };
-            drop(released);
-            // Emptied outside the lock; a map still shared (a snapshot copying it) is
-            // simply freed by its last holder.
-            let Ok(mut spare) = Arc::try_unwrap(map) else {
-                continue;
-            };
-            spare.clear();
-            let mut shard = cell.lock();
-            if shard.spare.is_none() {
-                shard.spare = Some(spare);
-            }
-        }
-    }
-
-    /// Undoes a [`Coalescer::freeze`] whose flush did not complete: the frozen values go
-    /// back into the active maps, except where a newer value was written meanwhile.
-    pub fn thaw(&self, frozen: Frozen) {
-        for (index, map) in frozen.maps {
-            let cell = &self.shards[index];
+    /// O(keys held): one pass over every table, each shard under its lock for its own pass
+    /// only. Blocking for millions of keys: call it off the async workers.
+    pub fn pick(&self, pick: &Pick) -> Picked {
+        let mut picked = Picked {
+            records: Vec::new(),
+            epoch: self.epoch(),
+            oldest_unpicked: None,
+            capped: false,
+            idle_before: pick.idle_before,
+        };
+        let mut evict: Vec<Key> = Vec::new();
+        for cell in self.shards.iter() {
             let mut guard = cell.lock();
             let shard = &mut *guard;
-            if matches!(&shard.frozen, Some(current) if Arc::ptr_eq(current, &map)) {
-                shard.frozen = None;
-            }
-            for (key, value) in map.iter() {
-                match shard.active.entry_hashed(shard.active.hash(key), key) {
-                    Entry::Occupied(current) => {
-                        if value.supersedes(current) {
-                            *current = *value;
-                        }
+            let pressed = shard.map.len() >= self.max_keys_per_shard / 10 * 9;
+            evict.clear();
+            let records = &mut picked.records;
+            let (oldest, capped) = (&mut picked.oldest_unpicked, &mut picked.capped);
+            shard.map.for_each_meta_mut(|key, value, meta| {
+                let idle = meta.epoch() < pick.idle_before;
+                if !meta.is_dirty() {
+                    if idle || pressed {
+                        evict.push(key);
                     }
-                    Entry::Vacant(vacant) => {
-                        vacant.insert(*key, *value);
-                    }
+                    return;
                 }
+                let due = pick.all || idle || pick.checkpoint.due(&key);
+                if due && records.len() < pick.max_rows {
+                    records.push(Record::new(key, value));
+                } else {
+                    *capped |= due;
+                    *oldest = Some(oldest.map_or(meta.epoch(), |o| o.min(meta.epoch())));
+                }
+            });
+            for key in &evict {
+                shard.map.remove(key);
             }
-            cell.publish(shard);
+            shard.stats.evicted += evict.len() as u64;
+            if shard.map.shrink_if_sparse() {
+                cell.publish(shard);
+            }
         }
+        self.flushing.store(picked.len(), Ordering::Relaxed);
+        picked
     }
 
-    /// Calls `f` with every record memory holds (active and frozen; a key in both appears
-    /// twice, the newer wins on replay). Each shard is copied under its lock, then `f` runs
-    /// without it. Used to write snapshots.
+    /// Ends a flush cycle once the store has durably taken every record of `picked`: each
+    /// entry still holding the value written becomes clean — or, if idle, leaves memory.
+    /// An entry rewritten meanwhile stays dirty with its newer value (and newer epoch).
+    pub fn mark_stored(&self, picked: &Picked) {
+        for record in &picked.records {
+            let cell = &self.shards[self.shard_index(&record.key)];
+            let hash = self.map_hasher.hash_one(record.key);
+            let mut guard = cell.lock();
+            let shard = &mut *guard;
+            let idle = match shard.map.entry_hashed(hash, &record.key) {
+                Entry::Occupied(mut current) => {
+                    let held = current.get();
+                    if held.value != record.value || !held.meta.is_dirty() {
+                        continue;
+                    }
+                    shard.dirty -= 1;
+                    let epoch = held.meta.epoch();
+                    current.set(Held::new(held.value, Meta::clean(epoch)));
+                    epoch < picked.idle_before
+                }
+                // Dirty entries are never evicted; nothing to do.
+                Entry::Vacant(_) => continue,
+            };
+            if idle {
+                shard.map.remove(&record.key);
+                shard.stats.evicted += 1;
+            }
+        }
+        self.flushing.store(0, Ordering::Relaxed);
+    }
+
+    /// Ends a flush cycle that did not store its pick: nothing changes in memory (the pick
+    /// only copied), so this only resets the "flushing" gauge.
+    pub fn abandon(&self, _picked: Picked) {
+        self.flushing.store(0, Ordering::Relaxed);
+    }
+
+    /// Calls `f` with every dirty record (the store lacks it; clean keys are in the store).
+    /// Each shard is copied under its lock, then `f` runs without it. Used to write
+    /// snapshots.
     pub fn for_each_record(&self, mut f: impl FnMut(&[Record])) {
         let mut buf = Vec::new();
         for shard in self.shards.iter() {
             buf.clear();
-            let frozen = {
+            {
                 let shard = shard.lock();
-                buf.extend(shard.active.iter().map(|(k, v)| Record::new(*k, *v)));
-                shard.frozen.clone()
-            };
-            if let Some(frozen) = frozen {
-                buf.extend(frozen.iter().map(|(k, v)| Record::new(*k, *v)));
+                buf.extend(
+                    shard
+                        .map
+                        .iter()
+                        .filter(|(_, held)| held.meta.is_dirty())
+                        .map(|(k, held)| Record::new(k, held.value)),
+                );
             }
             if !buf.is_empty() {
                 f(&buf);
@@ -533,33 +582,33 @@ impl Coalescer {
             total.superseded += s.superseded;
             total.stale += s.stale;
             total.overloaded += s.overloaded;
-            total.dirty_keys += shard.active.len() as u64;
-            total.flushing_keys += shard.frozen_len() as u64;
+            total.evicted += s.evicted;
+            total.dirty_keys += shard.dirty as u64;
+            total.clean_keys += (shard.map.len() - shard.dirty) as u64;
         }
+        total.flushing_keys = self.flushing.load(Ordering::Relaxed) as u64;
         total
     }
 
-    /// Keys held in memory (active plus frozen).
+    /// Keys held in memory, dirty and clean.
     pub fn len(&self) -> usize {
-        let s = self.stats();
-        (s.dirty_keys + s.flushing_keys) as usize
+        self.shards.iter().map(|s| s.lock().map.len()).sum()
+    }
+
+    /// Keys whose newest value the store does not have yet.
+    pub fn dirty_len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().dirty).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Bytes the tables have allocated (active, frozen and spare), for the memory-per-key
-    /// figure.
+    /// Bytes the tables have allocated, for the memory-per-key figure.
     pub fn allocated_bytes(&self) -> usize {
         self.shards
             .iter()
-            .map(|shard| {
-                let shard = shard.lock();
-                shard.active.allocated_bytes()
-                    + shard.frozen.as_ref().map_or(0, |f| f.allocated_bytes())
-                    + shard.spare.as_ref().map_or(0, |s| s.allocated_bytes())
-            })
+            .map(|shard| shard.lock().map.allocated_bytes())
             .sum()
     }
 
@@ -578,9 +627,30 @@ struct Located<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Value;
 
     fn rec(title: u64, pos: u32, at: u64, dev: u32) -> Record {
         Record::new(Key::new(1, 1, title), Value::new(pos, at, dev))
+    }
+
+    /// A pick that takes idle keys only: no checkpoint is due.
+    fn idle_only(idle_before: u32) -> Pick {
+        Pick {
+            idle_before,
+            all: false,
+            checkpoint: Checkpoint {
+                period_ms: 60_000,
+                from_ms: 0,
+                to_ms: 0,
+            },
+            max_rows: usize::MAX,
+        }
+    }
+
+    fn titles(picked: &Picked) -> Vec<u64> {
+        let mut t: Vec<u64> = picked.records.iter().map(|r| r.key.title_id).collect();
+        t.sort_unstable();
+        t
     }
 
     #[test]
@@ -616,14 +686,12 @@ mod tests {
             let (a, s) = batch.upsert_batch(chunk).unwrap();
             got = (got.0 + a, got.1 + s);
         }
-        assert_eq!(got.0 + got.1, records.len());
+        // Batches apply their records in order, so every outcome is the same.
+        assert_eq!(got, expected);
         assert_eq!(one.len(), batch.len());
         for r in &records {
             assert_eq!(one.get(&r.key), batch.get(&r.key));
         }
-        // Applied counts may differ (a batch can meet a key's versions in another order),
-        // the outcome may not.
-        let _ = expected;
         // The bound holds for batches too.
         let small = Coalescer::new(4, 8);
         let many: Vec<Record> = (0..100).map(|t| rec(t, 1, 1, 1)).collect();
@@ -643,62 +711,138 @@ mod tests {
         assert_eq!((s.inserted, s.superseded, s.stale), (1, 1, 2));
     }
 
+    /// The key-aware flush: keys not written since an older epoch are picked and, once
+    /// stored, forgotten; keys still being written stay in memory unwritten, and hold the
+    /// log back only to their own epoch.
     #[test]
-    fn tables_reused_across_flushes_hold_nothing_of_the_flush_before() {
-        let c = Coalescer::new(2, 10_000);
-        // All keys are one profile's, so they share one shard.
-        let mut last_frozen_table = None;
-        for cycle in 0..4u64 {
-            // Each cycle dirties other keys; a reused table must not bring back the keys of
-            // an earlier cycle, neither to readers nor to the next flush.
-            let keys: Vec<u64> = (cycle * 100..cycle * 100 + 300).collect();
-            for &t in &keys {
-                c.upsert(&rec(t, cycle as u32 + 1, 1_000 + cycle, 1))
-                    .unwrap();
-            }
-            let frozen = c.freeze();
-            let (shard, table) = (frozen.maps[0].0, frozen.maps[0].1.location());
-            if let Some(previous) = last_frozen_table {
-                // Same load each cycle: the table flushed last cycle is the active one now.
-                assert_eq!(c.shards[shard].lock().active.location(), previous);
-            }
-            last_frozen_table = Some(table);
-            let mut flushed: Vec<u64> = frozen.records().map(|r| r.key.title_id).collect();
-            flushed.sort_unstable();
-            assert_eq!(flushed, keys, "cycle {cycle}");
-            c.release(frozen);
-            assert!(
-                c.shards[shard].lock().spare.is_some(),
-                "cycle {cycle}: table not kept"
-            );
-            assert!(c.is_empty(), "cycle {cycle}: released keys stay in memory");
-            assert_eq!(c.get(&Key::new(1, 1, keys[0])), None);
+    fn idle_keys_are_written_and_forgotten_playing_keys_stay() {
+        let c = Coalescer::new(4, 1_000);
+        for t in 0..10 {
+            c.upsert(&rec(t, 1, 100, 1)).unwrap();
         }
-        // A cycle with nothing to flush frees the spares: an idle coalescer holds no tables
-        // sized for a past load.
-        c.release(c.freeze());
-        assert!(c.shards.iter().all(|s| s.lock().spare.is_none()));
+        let e2 = c.advance_epoch();
+        // Titles 0..5 keep playing in epoch 2; 5..10 stopped in epoch 1.
+        for t in 0..5 {
+            c.upsert(&rec(t, 5, 104, 1)).unwrap();
+        }
+        let e3 = c.advance_epoch();
+        let picked = c.pick(&idle_only(e2));
+        assert_eq!(titles(&picked), vec![5, 6, 7, 8, 9]);
+        assert_eq!(picked.oldest_unpicked, Some(e2));
+        assert_eq!(picked.oldest_dirty_after(), e2);
+        assert_eq!(c.stats().flushing_keys, 5);
+        // Mid-flush, everything is still readable from memory.
+        assert_eq!(c.get(&Key::new(1, 1, 7)), Some(Value::new(1, 100, 1)));
+        c.mark_stored(&picked);
+        assert_eq!(c.len(), 5, "stored idle keys left memory");
+        assert_eq!(c.get(&Key::new(1, 1, 7)), None);
+        assert_eq!(c.dirty_len(), 5);
+        // Once the playing keys go idle too, they are written and the log is free.
+        let picked = c.pick(&idle_only(e3));
+        assert_eq!(titles(&picked), vec![0, 1, 2, 3, 4]);
+        assert_eq!(picked.oldest_unpicked, None);
+        assert_eq!(picked.oldest_dirty_after(), e3);
+        c.mark_stored(&picked);
+        assert!(c.is_empty());
+        let s = c.stats();
+        assert_eq!((s.dirty_keys, s.flushing_keys, s.evicted), (0, 0, 10));
     }
 
+    /// A value rewritten while its older value was being flushed stays dirty (with the
+    /// newer epoch), and a failed flush changes nothing.
     #[test]
-    fn frozen_values_stay_readable_and_guard_against_stale_writes() {
+    fn writes_during_a_flush_stay_dirty_and_failed_flushes_change_nothing() {
         let c = Coalescer::new(2, 100);
         c.upsert(&rec(1, 10, 200, 1)).unwrap();
-        let frozen = c.freeze();
-        assert_eq!(frozen.len(), 1);
-        // Mid-flush: the value is still visible, and an older write cannot shadow it.
-        assert_eq!(c.get(&Key::new(1, 1, 1)), Some(Value::new(10, 200, 1)));
+        c.upsert(&rec(2, 10, 200, 1)).unwrap();
+        let e2 = c.advance_epoch();
+        let picked = c.pick(&idle_only(e2));
+        assert_eq!(picked.len(), 2);
+        // An older write cannot shadow the value being flushed; a newer one wins.
         assert_eq!(c.upsert(&rec(1, 3, 150, 1)), Ok(Upsert::Stale));
-        assert_eq!(c.get(&Key::new(1, 1, 1)), Some(Value::new(10, 200, 1)));
-        // A newer write during the flush wins and becomes dirty for the next one.
         assert_eq!(c.upsert(&rec(1, 12, 204, 1)), Ok(Upsert::Superseded));
+        c.abandon(picked);
+        assert_eq!(c.dirty_len(), 2, "an abandoned flush leaves both dirty");
+        let picked = c.pick(&idle_only(e2));
+        assert_eq!(titles(&picked), vec![2], "title 1 was rewritten in epoch 2");
+        let picked_all = Picked {
+            records: vec![rec(1, 10, 200, 1), rec(2, 10, 200, 1)],
+            ..picked
+        };
+        c.mark_stored(&picked_all);
         assert_eq!(c.get(&Key::new(1, 1, 1)), Some(Value::new(12, 204, 1)));
-        c.release(frozen);
-        assert_eq!(c.get(&Key::new(1, 1, 1)), Some(Value::new(12, 204, 1)));
-        let next = c.freeze();
-        assert_eq!(next.records().collect::<Vec<_>>(), vec![rec(1, 12, 204, 1)]);
-        c.release(next);
-        assert_eq!(c.get(&Key::new(1, 1, 1)), None);
+        assert_eq!(c.get(&Key::new(1, 1, 2)), None);
+        assert_eq!(c.dirty_len(), 1, "the newer value still awaits the store");
+        let mut snap = Vec::new();
+        c.for_each_record(|rs| snap.extend_from_slice(rs));
+        assert_eq!(snap, vec![rec(1, 12, 204, 1)]);
+    }
+
+    /// Checkpoints: over one period's worth of consecutive windows every playing key is
+    /// written exactly once; stored, it stays in memory clean, and a clean key that goes
+    /// idle leaves without another write.
+    #[test]
+    fn checkpoints_write_each_playing_key_once_per_period() {
+        let c = Coalescer::new(8, 100_000);
+        let keys = 5_000u64;
+        for t in 0..keys {
+            c.upsert(&rec(t, 1, 100, 1)).unwrap();
+        }
+        let period_ms = 10_000;
+        let mut written = vec![0u32; keys as usize];
+        for step in 0..10 {
+            let pick = Pick {
+                idle_before: REPLAYED_EPOCH,
+                all: false,
+                checkpoint: Checkpoint {
+                    period_ms,
+                    from_ms: 7_000 + step * 1_000,
+                    to_ms: 7_000 + (step + 1) * 1_000,
+                },
+                max_rows: usize::MAX,
+            };
+            let picked = c.pick(&pick);
+            // Roughly a tenth of the keys per tenth of the period.
+            assert!((300..700).contains(&picked.len()), "{}", picked.len());
+            for r in &picked.records {
+                written[r.key.title_id as usize] += 1;
+            }
+            c.mark_stored(&picked);
+        }
+        assert!(written.iter().all(|&n| n == 1), "each key exactly once");
+        assert_eq!(c.len(), keys as usize, "checkpointed keys stay in memory");
+        assert_eq!(c.dirty_len(), 0);
+        // Idle now: clean keys are evicted by the next pick without being written.
+        let e = c.advance_epoch();
+        let picked = c.pick(&idle_only(e));
+        assert!(picked.is_empty());
+        assert!(c.is_empty());
+    }
+
+    /// `max_rows` bounds a pick; what it leaves holds the log back and is picked next.
+    #[test]
+    fn a_capped_pick_leaves_the_rest_for_the_next_cycle() {
+        let c = Coalescer::new(4, 1_000);
+        for t in 0..100 {
+            c.upsert(&rec(t, 1, 100, 1)).unwrap();
+        }
+        let e = c.advance_epoch();
+        let pick = Pick {
+            max_rows: 30,
+            ..idle_only(e)
+        };
+        let first = c.pick(&pick);
+        assert_eq!(first.len(), 30);
+        assert!(first.capped);
+        assert_eq!(first.oldest_unpicked, Some(FIRST_EPOCH));
+        c.mark_stored(&first);
+        let mut total = 30;
+        while c.dirty_len() > 0 {
+            let next = c.pick(&pick);
+            total += next.len();
+            c.mark_stored(&next);
+        }
+        assert_eq!(total, 100);
         assert!(c.is_empty());
     }
 
@@ -713,37 +857,28 @@ mod tests {
         assert_eq!(c.stats().overloaded, 1);
     }
 
+    /// Replayed values carry the replay epoch: the first cycle writes them all.
     #[test]
-    fn profile_entries_and_snapshot_see_both_maps() {
+    fn replayed_values_are_idle_at_once() {
+        let c = Coalescer::new(4, 100);
+        c.replay_parallel(&[rec(1, 1, 1, 1), rec(2, 1, 1, 1)], 1);
+        c.upsert(&rec(3, 1, 1, 1)).unwrap();
+        let picked = c.pick(&idle_only(FIRST_EPOCH));
+        assert_eq!(titles(&picked), vec![1, 2]);
+        assert_eq!(picked.oldest_unpicked, Some(FIRST_EPOCH));
+    }
+
+    #[test]
+    fn profile_entries_see_one_profile() {
         let c = Coalescer::new(8, 1000);
         c.upsert(&rec(1, 1, 10, 1)).unwrap();
         c.upsert(&Record::new(Key::new(1, 2, 9), Value::new(1, 1, 1)))
             .unwrap();
-        let frozen = c.freeze();
         c.upsert(&rec(2, 1, 10, 1)).unwrap();
         c.upsert(&rec(1, 5, 11, 1)).unwrap();
         let mut mine = c.profile_entries(1, 1);
         mine.sort_by_key(|r| r.key.title_id);
         assert_eq!(mine, vec![rec(1, 5, 11, 1), rec(2, 1, 10, 1)]);
-        let mut all = 0;
-        c.for_each_record(|rs| all += rs.len());
-        assert_eq!(all, 4, "active 2 + frozen 2");
-        c.release(frozen);
-    }
-
-    #[test]
-    fn thaw_returns_unflushed_values_without_hiding_newer_ones() {
-        let c = Coalescer::new(2, 100);
-        c.upsert(&rec(1, 10, 100, 1)).unwrap();
-        c.upsert(&rec(2, 10, 100, 1)).unwrap();
-        let frozen = c.freeze();
-        c.upsert(&rec(1, 20, 200, 1)).unwrap();
-        c.thaw(frozen);
-        assert_eq!(c.get(&Key::new(1, 1, 1)), Some(Value::new(20, 200, 1)));
-        assert_eq!(c.get(&Key::new(1, 1, 2)), Some(Value::new(10, 100, 1)));
-        let again = c.freeze();
-        assert_eq!(again.len(), 2);
-        c.release(again);
     }
 
     #[test]
@@ -767,10 +902,10 @@ mod tests {
 
     #[test]
     fn concurrent_writers_converge_on_the_newest() {
-        let c = Arc::new(Coalescer::new(16, 1_000_000));
+        let c = std::sync::Arc::new(Coalescer::new(16, 1_000_000));
         let threads: Vec<_> = (0..4u32)
             .map(|t| {
-                let c = Arc::clone(&c);
+                let c = std::sync::Arc::clone(&c);
                 std::thread::spawn(move || {
                     for i in 0..10_000u64 {
                         let at = (i * 7 + t as u64 * 13) % 10_007;

@@ -230,7 +230,7 @@ impl Default for CoalescerConfig {
     fn default() -> Self {
         Self {
             shards: 64,
-            max_keys: 16_000_000,
+            max_keys: 48_000_000,
         }
     }
 }
@@ -283,8 +283,21 @@ impl Default for WalConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlushConfig {
-    /// Cadence of flush cycles. Each dirty key is written once per cycle.
+    /// Cadence of flush cycles: each one writes the dirty keys that are due (see
+    /// `crate::flusher`).
     pub interval_ms: u64,
+    /// A dirty key not written for this long is idle (its viewer paused, stopped or left):
+    /// the next cycle writes it and, once stored, forgets it. Bounds how long the last
+    /// position of a stopped viewer takes to reach the store, and how much commit log is
+    /// kept. 0: every key written before a cycle began is written by that cycle.
+    pub idle_ms: u64,
+    /// A key that keeps playing is written once per this period (a checkpoint, at a phase
+    /// fixed by its key). Bounds how stale the store is for a key that never goes idle.
+    /// 0: every dirty key is written by every cycle.
+    pub checkpoint_ms: u64,
+    /// Most rows one cycle writes; the rest wait for the next cycle (and keep their log
+    /// segments). Bounds the cycle's copy of the rows (40 bytes each).
+    pub max_rows_per_cycle: usize,
     /// Rows per store write.
     pub batch_rows: usize,
     /// Store writes in flight at once.
@@ -302,6 +315,9 @@ impl Default for FlushConfig {
     fn default() -> Self {
         Self {
             interval_ms: 1_000,
+            idle_ms: 10_000,
+            checkpoint_ms: 60_000,
+            max_rows_per_cycle: 2_000_000,
             batch_rows: 8_192,
             max_concurrency: 4,
             retry_initial_ms: 50,
@@ -719,6 +735,24 @@ impl Config {
             f.interval_ms,
             (1..=3_600_000).contains(&f.interval_ms),
             "between 1 and 3600000",
+        )?;
+        check(
+            "flush.idle_ms",
+            f.idle_ms,
+            f.idle_ms <= 3_600_000,
+            "at most 3600000",
+        )?;
+        check(
+            "flush.checkpoint_ms",
+            f.checkpoint_ms,
+            f.checkpoint_ms <= 86_400_000,
+            "at most 86400000 (a day)",
+        )?;
+        check(
+            "flush.max_rows_per_cycle",
+            f.max_rows_per_cycle,
+            (1..=100_000_000).contains(&f.max_rows_per_cycle),
+            "between 1 and 100000000",
         )?;
         check(
             "flush.batch_rows",

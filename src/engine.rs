@@ -6,7 +6,7 @@
 //! 3. in `group` mode, wait for the fsync that covers them;
 //! 4. acknowledge.
 //!
-//! Read path: coalescer (active, then the map being flushed), then the store within
+//! Read path: coalescer (its value whether dirty or clean), then the store within
 //! `store.read_timeout_ms`; a store that errs or is slow degrades the answer instead of
 //! failing it.
 
@@ -122,6 +122,8 @@ pub struct EngineStats {
     pub flush_errors: Arc<AtomicU64>,
     pub flush_retries: Arc<AtomicU64>,
     pub flush_seconds: crate::metrics::Histogram,
+    /// Flush cycles that failed because a flush task panicked (the next cycle retries).
+    pub flush_panics: AtomicU64,
     pub purged_rows: AtomicU64,
     pub purge_errors: AtomicU64,
 }
@@ -133,8 +135,11 @@ pub struct Shared {
     pub wal: Wal,
     pub store: Arc<dyn Store>,
     pub stats: EngineStats,
-    /// Serialises flush cycles (the coalescer holds one frozen generation at a time).
+    /// Serialises flush cycles (each one opens an epoch and picks from what the last one
+    /// left).
     pub(crate) flush_lock: tokio::sync::Mutex<()>,
+    /// When each flush epoch began and where in the log its values start.
+    pub(crate) epochs: parking_lot::Mutex<flusher::Epochs>,
     /// Flipped once on shutdown; background loops watch it.
     pub(crate) shutdown: watch::Sender<bool>,
 }
@@ -205,6 +210,7 @@ impl Engine {
             store,
             stats: EngineStats::default(),
             flush_lock: tokio::sync::Mutex::new(()),
+            epochs: parking_lot::Mutex::new(flusher::Epochs::new()),
             shutdown,
         });
         Ok((
@@ -373,9 +379,15 @@ impl Engine {
         (entries, source)
     }
 
-    /// Runs one flush cycle now, retrying store errors until it succeeds.
+    /// Runs one flush cycle now that writes every dirty key (up to
+    /// `flush.max_rows_per_cycle`), retrying store errors until it succeeds.
     pub async fn flush(&self) -> Result<FlushReport, FlushError> {
-        flusher::flush_cycle(&self.shared, None).await
+        flusher::flush_cycle(&self.shared, flusher::Policy::All, None).await
+    }
+
+    /// Runs one cycle of the background cadence now: idle keys and due checkpoints only.
+    pub async fn flush_due(&self) -> Result<FlushReport, FlushError> {
+        flusher::flush_cycle(&self.shared, flusher::Policy::KeyAware, None).await
     }
 
     /// Starts the flush cadence, the retention purge and the commit-log guard (snapshots
@@ -416,8 +428,8 @@ impl Engine {
         let deadline = tokio::time::Instant::now()
             + Duration::from_millis(shared.config.flush.shutdown_timeout_ms);
         let mut report = ShutdownReport::default();
-        while !shared.coalescer.is_empty() {
-            match flusher::flush_cycle(shared, Some(deadline)).await {
+        while shared.coalescer.dirty_len() > 0 {
+            match flusher::flush_cycle(&self.shared, flusher::Policy::All, Some(deadline)).await {
                 Ok(r) => report.flushed_rows += r.rows,
                 Err(e) => {
                     tracing::error!(
@@ -427,7 +439,7 @@ impl Engine {
                 }
             }
         }
-        report.left_in_log = shared.coalescer.len();
+        report.left_in_log = shared.coalescer.dirty_len();
         shared.wal.close();
         report
     }

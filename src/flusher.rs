@@ -1,16 +1,31 @@
-//! Moving the coalescer's dirty keys to the store on a fixed cadence.
+//! Moving the coalescer's dirty keys to the store, key by key when it matters.
 //!
-//! A flush cycle: seal the log segment (`rotate`), freeze every shard's dirty map, write the
-//! frozen maps to the store in batches of `flush.batch_rows` with at most
-//! `flush.max_concurrency` in flight, retry failed batches with exponential backoff and
-//! jitter until they land, make them durable with one store sync (retried likewise), then
-//! release the frozen maps and let the log drop the sealed segments. One store row per
-//! dirty key per cycle: the coalescing factor is heartbeats per key per interval.
+//! Every `flush.interval_ms` one cycle: seal the log segment (`rotate`), open the next
+//! flush epoch, and *pick* the dirty keys that are due ([`crate::coalescer`]):
+//! - **idle** keys — not written for `flush.idle_ms` (the viewer paused, stopped or left):
+//!   their last position reaches the store within `idle_ms + interval_ms` plus the write;
+//! - **checkpoints** — a key that keeps playing is written once per `flush.checkpoint_ms`,
+//!   at a phase fixed by its key, so a period's checkpoints spread evenly over it;
+//! - on a manual flush or the final flush at shutdown, every dirty key.
+//!
+//! The pick is written in batches of `flush.batch_rows` with at most
+//! `flush.max_concurrency` in flight, failed batches retried with exponential backoff and
+//! jitter until they land, made durable with one store sync (retried likewise); then the
+//! stored entries become clean (idle ones leave memory) and the log drops every segment
+//! before the first segment of the oldest epoch a dirty key still has. Keys that keep
+//! playing are rewritten every heartbeat, so their epoch keeps moving forward: they never
+//! hold the log back, though the store sees them only at checkpoints. The log keeps about
+//! `idle_ms + interval_ms` of segments.
+//!
+//! Napkin math for the real fleet (30 M viewers, a heartbeat every 4 s = 7.5 M/s): with a
+//! 60 s checkpoint the store takes 30 M / 60 s = 0.5 M rows/s plus one row per session end,
+//! against 7.5 M rows/s if every heartbeat were written.
 //!
 //! While the store is down a cycle simply keeps retrying: new heartbeats keep coalescing in
-//! the active maps (memory bounded by live keys) and [`log_guard_loop`] keeps the log
-//! bounded with snapshots.
+//! memory (bounded by `coalescer.max_keys`) and [`log_guard_loop`] keeps the log bounded
+//! with snapshots.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +33,8 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tokio::task::JoinSet;
 
-use crate::coalescer::Frozen;
+use crate::coalescer::{Checkpoint, Pick, Picked, FIRST_EPOCH};
+use crate::config::FlushConfig;
 use crate::engine::Shared;
 use crate::model::{self, Record};
 use crate::store::{Store, StoreError};
@@ -28,15 +44,22 @@ const LOG_GUARD_EVERY: Duration = Duration::from_millis(500);
 /// The log guard calls the flusher stalled when no cycle completed for this long, or for
 /// two flush intervals if that is longer.
 const STALLED_AFTER: Duration = Duration::from_secs(10);
+/// A snapshot replaces the log only when the log is at least this many times the size the
+/// snapshot would have (40 bytes per dirty key): at 30 M keys held a snapshot is 1.2 GB,
+/// and writing one every few seconds to replace a few GB of log would cost more disk than
+/// it saves.
+const SNAPSHOT_GAIN: u64 = 4;
 
-/// Why a flush cycle stopped before the store took everything. The data is safe: it went
-/// back into the coalescer and is still in the commit log.
+/// Why a flush cycle stopped before the store took everything. The data is safe: it is
+/// still dirty in the coalescer and still in the commit log.
 #[derive(Debug, thiserror::Error)]
 pub enum FlushError {
     #[error("flush gave up at its deadline with {rows} rows unwritten (last error: {last_error})")]
     Deadline { rows: usize, last_error: String },
     #[error("flush interrupted by shutdown")]
     Shutdown,
+    #[error("a flush task panicked: {0}")]
+    Panicked(String),
 }
 
 /// What one cycle wrote.
@@ -47,8 +70,111 @@ pub struct FlushReport {
     pub batches: usize,
     pub retries: usize,
     pub duration: Duration,
-    /// The log segment this cycle covered; segments up to it are now dropped.
+    /// The log segment this cycle sealed.
     pub segment: u64,
+    /// Segments up to this one are now dropped (`None`: none could be).
+    pub dropped_through: Option<u64>,
+}
+
+/// Which keys a cycle writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// The cadence: idle keys and due checkpoints.
+    KeyAware,
+    /// Every dirty key (a manual flush, shutdown).
+    All,
+}
+
+/// When each flush epoch began and where its records start in the log: what turns an
+/// entry's epoch into "idle for `idle_ms`" and into "segments that may go".
+#[derive(Debug)]
+pub struct Epochs {
+    /// Oldest first. Entries older than every dirty key's epoch are pruned.
+    started: VecDeque<EpochStart>,
+    /// The flusher's clock origin for checkpoint windows.
+    origin: Instant,
+    /// Where the next checkpoint window starts, in ms since `origin`.
+    checkpoint_from_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct EpochStart {
+    epoch: u32,
+    at: Instant,
+    /// Every value tagged with this epoch was appended to this segment or a later one.
+    first_segment: u64,
+}
+
+impl Epochs {
+    pub fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            // The first epoch's values (and replayed ones) may be anywhere in the log.
+            started: VecDeque::from([EpochStart {
+                epoch: FIRST_EPOCH,
+                at: now,
+                first_segment: 0,
+            }]),
+            origin: now,
+            checkpoint_from_ms: 0,
+        }
+    }
+
+    /// Records that `epoch` began now, its values in segments from `first_segment` on, and
+    /// says what the cycle picks.
+    fn begin(&mut self, epoch: u32, first_segment: u64, cfg: &FlushConfig, policy: Policy) -> Pick {
+        let now = Instant::now();
+        self.started.push_back(EpochStart {
+            epoch,
+            at: now,
+            first_segment,
+        });
+        let idle_since = now.checked_sub(Duration::from_millis(cfg.idle_ms));
+        // The newest epoch that began at least idle_ms ago: a key last written before it
+        // has been idle for at least that long.
+        let idle_before = match policy {
+            Policy::All => epoch,
+            Policy::KeyAware => idle_since
+                .and_then(|since| self.started.iter().rev().find(|s| s.at <= since))
+                .map_or(FIRST_EPOCH, |s| s.epoch),
+        };
+        let to_ms = now.duration_since(self.origin).as_millis() as u64;
+        Pick {
+            idle_before,
+            all: policy == Policy::All,
+            checkpoint: Checkpoint {
+                period_ms: cfg.checkpoint_ms,
+                from_ms: self.checkpoint_from_ms,
+                to_ms,
+            },
+            max_rows: cfg.max_rows_per_cycle,
+        }
+    }
+
+    /// A cycle stored its pick: the next checkpoint window starts where this one ended
+    /// (unless the pick was cut short, then the window is taken again). Returns the last
+    /// segment the log may drop, and forgets epochs no dirty key can have any more.
+    fn stored(&mut self, pick: &Pick, picked: &Picked) -> Option<u64> {
+        if !picked.capped {
+            self.checkpoint_from_ms = pick.checkpoint.to_ms;
+        }
+        let oldest = picked.oldest_dirty_after();
+        while self.started.len() > 1 && self.started[1].epoch <= oldest {
+            self.started.pop_front();
+        }
+        let first = self
+            .started
+            .iter()
+            .find(|s| s.epoch >= oldest)
+            .map_or(0, |s| s.first_segment);
+        first.checked_sub(1)
+    }
+}
+
+impl Default for Epochs {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// When a cycle stops retrying.
@@ -63,22 +189,31 @@ enum Give {
 /// Runs one cycle; `deadline` bounds the retrying (the final flush on shutdown), `None`
 /// retries until it succeeds or shutdown is signalled.
 pub async fn flush_cycle(
-    shared: &Shared,
+    shared: &Arc<Shared>,
+    policy: Policy,
     deadline: Option<tokio::time::Instant>,
 ) -> Result<FlushReport, FlushError> {
     let give = deadline.map_or(Give::UpOnShutdown, Give::UpAt);
     let _one_at_a_time = shared.flush_lock.lock().await;
     let started = Instant::now();
     let segment = shared.wal.rotate();
-    let frozen = shared.coalescer.freeze();
+    let epoch = shared.coalescer.advance_epoch();
+    let pick = shared
+        .epochs
+        .lock()
+        .begin(epoch, segment + 1, &shared.config.flush, policy);
+    let picked = pick_records(shared, pick).await?;
     let mut report = FlushReport {
         segment,
         ..FlushReport::default()
     };
-    match write_frozen(shared, &frozen, give, &mut report).await {
+    match write_picked(shared, &picked.records, give, &mut report).await {
         Ok(()) => {
-            shared.coalescer.release(frozen);
-            shared.wal.mark_flushed(segment);
+            shared.coalescer.mark_stored(&picked);
+            report.dropped_through = shared.epochs.lock().stored(&pick, &picked);
+            if let Some(through) = report.dropped_through {
+                shared.wal.mark_flushed(through);
+            }
             report.duration = started.elapsed();
             let stats = &shared.stats;
             stats.flush_cycles.fetch_add(1, Ordering::Relaxed);
@@ -97,30 +232,44 @@ pub async fn flush_cycle(
             Ok(report)
         }
         Err(e) => {
-            // Put the unacknowledged values back so the next cycle (or the next start, via
-            // the log) writes them; keys rewritten meanwhile keep their newer value.
-            shared.coalescer.thaw(frozen);
+            // Nothing to undo: the pick only copied, the values are still dirty in memory
+            // and in the log, and the next cycle (or the next start) writes them.
+            shared.coalescer.abandon(picked);
+            if matches!(e, FlushError::Panicked(_)) {
+                shared.stats.flush_panics.fetch_add(1, Ordering::Relaxed);
+            }
             Err(e)
         }
     }
 }
 
-async fn write_frozen(
+/// Picks the cycle's records on a blocking thread (a pass over every key held: ~0.1 s at
+/// 30 M keys, too long for a runtime worker), sorted by key when the store prefers it.
+async fn pick_records(shared: &Arc<Shared>, pick: Pick) -> Result<Picked, FlushError> {
+    let for_pick = Arc::clone(shared);
+    let sort = shared.store.prefers_key_ordered_batches();
+    tokio::task::spawn_blocking(move || {
+        let mut picked = for_pick.coalescer.pick(&pick);
+        if sort {
+            // Key order turns every batch into one dense key range, which the embedded
+            // store merge-joins against its rows (BENCHMARKS.md).
+            picked.records.sort_unstable_by_key(|r| r.key);
+        }
+        picked
+    })
+    .await
+    .map_err(|e| FlushError::Panicked(e.to_string()))
+}
+
+async fn write_picked(
     shared: &Shared,
-    frozen: &Frozen,
+    picked: &[Record],
     give: Give,
     report: &mut FlushReport,
 ) -> Result<(), FlushError> {
     let cfg = &shared.config.flush;
     let mut in_flight: JoinSet<Result<usize, FlushError>> = JoinSet::new();
-    // Key order turns every batch into one dense key range, which the embedded store
-    // merge-joins against its rows (BENCHMARKS.md); otherwise the coalescer's hash order.
-    let mut records: Box<dyn Iterator<Item = Record> + Send + '_> =
-        if shared.store.prefers_key_ordered_batches() {
-            Box::new(frozen.records_in_key_order().await.into_iter())
-        } else {
-            Box::new(frozen.records())
-        };
+    let mut records = picked.iter().copied();
     loop {
         let batch: Vec<Record> = records.by_ref().take(cfg.batch_rows).collect();
         let exhausted = batch.len() < cfg.batch_rows;
@@ -131,9 +280,11 @@ async fn write_frozen(
         }
         while in_flight.len() >= cfg.max_concurrency || (exhausted && !in_flight.is_empty()) {
             let joined = in_flight.join_next().await.expect("set is not empty");
+            // A panicking store write must not end the flush loop: the cycle fails like
+            // any other (its keys stay dirty), is counted, and the next one retries.
             let retries = match joined {
                 Ok(result) => result?,
-                Err(e) => panic!("flush task panicked: {e}"),
+                Err(e) => return Err(FlushError::Panicked(e.to_string())),
             };
             report.retries += retries;
         }
@@ -276,10 +427,10 @@ pub async fn flush_loop(shared: Arc<Shared>) {
         if *shutdown.borrow() {
             return;
         }
-        match flush_cycle(&shared, None).await {
+        match flush_cycle(&shared, Policy::KeyAware, None).await {
             Ok(_) => {}
             Err(FlushError::Shutdown) => return,
-            Err(e) => tracing::error!("flush cycle failed: {e}"),
+            Err(e) => tracing::error!("flush cycle failed: {e}; the next cycle retries"),
         }
     }
 }
@@ -344,6 +495,11 @@ pub async fn log_guard_loop(shared: Arc<Shared>) {
             (cycles_seen, progressed_at) = (completed, Instant::now());
         }
         if on_disk <= limit {
+            continue;
+        }
+        // Worth it only where the snapshot is much smaller than the log it replaces.
+        let snapshot_bytes = shared.coalescer.dirty_len() as u64 * Record::ENCODED_BYTES as u64;
+        if on_disk < SNAPSHOT_GAIN.saturating_mul(snapshot_bytes) {
             continue;
         }
         let stalled = progressed_at.elapsed();
@@ -426,6 +582,80 @@ mod tests {
             "the sync came after every batch"
         );
         assert!(engine.shared().coalescer.is_empty());
+    }
+
+    /// The key-aware cadence, end to end on the real embedded store: a viewer who stops is
+    /// in the store within the idle bound and leaves memory; a viewer who keeps playing is
+    /// not written before its checkpoint, yet the commit log behind it is dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopped_viewers_reach_the_store_soon_playing_ones_at_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.server.data_dir = dir.path().to_path_buf();
+        config.wal.segment_bytes = 64 << 10;
+        config.flush.interval_ms = 100;
+        config.flush.idle_ms = 800;
+        config.flush.checkpoint_ms = 3_600_000;
+        let store = Arc::new(EmbeddedStore::open(&config.embedded_store_dir(), 1 << 20).unwrap());
+        let (engine, _) = Engine::open(config, Arc::clone(&store) as Arc<dyn Store>).unwrap();
+        let background = engine.spawn_background().unwrap();
+        let (stopped, playing) = (Key::new(1, 1, 1), Key::new(2, 1, 1));
+        let at = model::now_ms();
+        engine
+            .write(&[Record::new(stopped, Value::new(30, at, 1))])
+            .await
+            .unwrap();
+        // `playing` gets a heartbeat every 50 ms (with 1 000 other keys, to fill segments)
+        // while `stopped` stays silent.
+        let started = Instant::now();
+        let mut reached = None;
+        let mut position = 0;
+        while started.elapsed() < Duration::from_secs(4) {
+            position += 1;
+            let now = model::now_ms();
+            let mut batch: Vec<Record> = (0..1_000)
+                .map(|t| Record::new(Key::new(3, 1, t), Value::new(position, now, 1)))
+                .collect();
+            batch.push(Record::new(playing, Value::new(position, now, 1)));
+            engine.write(&batch).await.unwrap();
+            if reached.is_none() && store.get(stopped).await.unwrap().is_some() {
+                reached = Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let reached = reached.expect("the stopped viewer's position never reached the store");
+        // Idle after 800 ms, picked by a cycle every 100 ms: generous slack for a busy box.
+        assert!(
+            reached < Duration::from_secs(3),
+            "reached the store after {reached:?}"
+        );
+        assert_eq!(
+            engine.shared().coalescer.get(&stopped),
+            None,
+            "stored idle key left memory"
+        );
+        assert_eq!(
+            store.get(playing).await.unwrap(),
+            None,
+            "a key that keeps playing is not written before its checkpoint"
+        );
+        let wal = engine.shared().wal.stats();
+        assert!(
+            wal.segment_bytes_on_disk.load(Ordering::Relaxed) < 1 << 20,
+            "segments behind the playing keys were dropped ({} bytes left)",
+            wal.segment_bytes_on_disk.load(Ordering::Relaxed)
+        );
+        // Shutdown writes what is still dirty.
+        let report = engine.shutdown(Some(background)).await;
+        assert_eq!(report.left_in_log, 0);
+        assert_eq!(
+            store
+                .get(playing)
+                .await
+                .unwrap()
+                .map(|v| v.position_seconds),
+            Some(position)
+        );
     }
 
     /// When the sync never succeeds before the final flush's deadline, nothing leaves the

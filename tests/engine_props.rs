@@ -1,6 +1,8 @@
-//! Property: for any stream of heartbeats and deletes, with flushes and restarts (the engine
-//! dropped without flushing, then reopened from its commit log and store) at random points,
-//! what the engine shows for every key equals the newest write to that key.
+//! Property: for any stream of heartbeats and deletes, with flushes, key-aware flush cycles
+//! (idle keys and checkpoints only: a random part of memory goes to the store, the rest
+//! stays dirty while the log drops what is covered) and restarts (the engine dropped
+//! without flushing, then reopened from its commit log and store) at random points, what
+//! the engine shows for every key equals the newest write to that key.
 //!
 //! Runs in `group` mode, where every acknowledged write is fsynced, against the real
 //! embedded store in a temporary directory.
@@ -33,6 +35,10 @@ enum Op {
     /// A batch of heartbeats written in one call.
     Batch(Vec<(u8, u32, u16, u8)>),
     Flush,
+    /// One cycle of the background cadence: what is idle or due for a checkpoint.
+    Cycle,
+    /// Let a few milliseconds pass, so keys go idle and checkpoint windows move.
+    Wait(u8),
     Restart,
 }
 
@@ -42,6 +48,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..12, 0u16..60).prop_map(|(key, at)| Op::Delete { key, at }),
         2 => prop::collection::vec((0u8..12, 0u32..8_000, 0u16..60, 0u8..3), 1..20).prop_map(Op::Batch),
         1 => Just(Op::Flush),
+        2 => Just(Op::Cycle),
+        1 => (1u8..8).prop_map(Op::Wait),
         1 => Just(Op::Restart),
     ]
 }
@@ -66,6 +74,9 @@ fn config(dir: &Path) -> Config {
     c.wal.snapshot_after_bytes = 128 << 10;
     c.coalescer.shards = 4;
     c.flush.batch_rows = 3;
+    // Short enough that keys go idle and checkpoint windows pass between operations.
+    c.flush.idle_ms = 5;
+    c.flush.checkpoint_ms = 20;
     c
 }
 
@@ -116,6 +127,12 @@ async fn run(ops: Vec<Op>) {
             }
             Op::Flush => {
                 engine.flush().await.unwrap();
+            }
+            Op::Cycle => {
+                engine.flush_due().await.unwrap();
+            }
+            Op::Wait(ms) => {
+                tokio::time::sleep(std::time::Duration::from_millis(u64::from(ms))).await;
             }
             Op::Restart => {
                 // No flush: whatever is not in the store must come back from the log.

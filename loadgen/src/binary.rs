@@ -1,6 +1,6 @@
 //! Binary-protocol drivers: `max` and `fleet`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use playhead::protocol::{self, WireRecord};
 use tokio::task::JoinSet;
 use tokio::time::sleep_until;
 
-use crate::fleet::{Fleet, TICK};
+use crate::fleet::{Fleet, Sent, TICK};
 use crate::report::{latency_start, Live, TaskStats, Window};
 use crate::workload::{Expected, LoadTitle, Outcome};
 use crate::Args;
@@ -265,21 +265,18 @@ async fn fleet_connection(
     if fleet.len() == 0 {
         return Ok((stats, Vec::new(), 0));
     }
-    let title_index: HashMap<u64, u32> = titles
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.title_id, i as u32))
-        .collect();
     let (mut tx, mut rx) = connect(args).await?;
     let max_batch = args.batch.max(1);
-    // In-flight batches keep their records (reused buffers) until acknowledged.
-    let mut pending: VecDeque<(Instant, Vec<WireRecord>)> = VecDeque::new();
-    let mut pool: Vec<Vec<WireRecord>> = Vec::new();
+    // In-flight batches keep what they sent (reused buffers) until answered: the intended
+    // send time, and each heartbeat with its viewer.
+    let mut pending: VecDeque<(Instant, Vec<Sent>)> = VecDeque::new();
+    let mut pool: Vec<Vec<Sent>> = Vec::new();
     let mut frame = BytesMut::with_capacity(64 * 1024);
+    let mut wire: Vec<WireRecord> = Vec::with_capacity(max_batch);
     let mut seq = 0u64;
     let mut tick = 0u64;
     let in_flight = args.in_flight.max(1);
-    let mut due_records: Vec<WireRecord> = Vec::new();
+    let mut due_now: Vec<Sent> = Vec::new();
     loop {
         let now = Instant::now();
         let running = now < window.end;
@@ -292,22 +289,24 @@ async fn fleet_connection(
             biased;
             reply = rx.recv(), if !pending.is_empty() => {
                 let reply = reply.context("reading replies")?;
-                let (started, records) = pending.pop_front().context("a reply nobody waited for")?;
+                let (intended, sent) = pending.pop_front().context("a reply nobody waited for")?;
                 let at = Instant::now();
+                let due = window.measuring(intended);
                 match reply {
                     Reply::Ack { accepted, rejections, .. } => {
                         live.acked.fetch_add(u64::from(accepted), Ordering::Relaxed);
-                        for (i, r) in records.iter().enumerate() {
-                            if !rejections.iter().any(|(j, _)| *j as usize == i) {
-                                fleet.acknowledged(r, title_index[&r.title_id]);
+                        for (i, s) in sent.iter().enumerate() {
+                            if rejections.is_empty() || !rejections.iter().any(|(j, _)| *j as usize == i) {
+                                fleet.acknowledged(s);
                             }
                         }
                         if window.measuring(at) {
                             stats.acked += u64::from(accepted);
                             stats.rejected += rejections.len() as u64;
                         }
-                        if window.measuring(started) {
-                            stats.record_latency(at - started);
+                        if due {
+                            stats.due_acked += u64::from(accepted);
+                            stats.record_latency(at.saturating_duration_since(intended));
                         }
                     }
                     Reply::Busy { retry_after_ms, .. } => {
@@ -317,38 +316,61 @@ async fn fleet_connection(
                         if window.measuring(at) {
                             stats.busy += 1;
                         }
-                        for r in &records {
-                            fleet.unacknowledged(r, title_index[&r.title_id]);
+                        for s in &sent {
+                            fleet.unacknowledged(s);
                         }
                         tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms))).await;
                     }
                 }
-                pool.push(records);
+                pool.push(sent);
             }
             _ = until(intended, now), if can_send => {
                 let now_ms = playhead::model::now_ms();
                 let start = latency_start(intended, Instant::now());
-                due_records.clear();
-                fleet.due(tick, now_ms, titles, |r| due_records.push(r));
+                due_now.clear();
+                fleet.due(tick, now_ms, titles, |s| due_now.push(s));
                 tick += 1;
-                for chunk in due_records.chunks(max_batch) {
+                if window.measuring(intended) {
+                    stats.due += due_now.len() as u64;
+                }
+                for chunk in due_now.chunks(max_batch) {
                     let mut kept = pool.pop().unwrap_or_default();
                     kept.clear();
                     kept.extend_from_slice(chunk);
+                    wire.clear();
+                    wire.extend(chunk.iter().map(|s| s.record));
                     seq += 1;
                     frame.clear();
-                    protocol::encode_batch(&mut frame, seq, chunk);
+                    protocol::encode_batch(&mut frame, seq, &wire);
                     tx.send_frame(&frame).await.context("sending a batch")?;
                     pending.push_back((start, kept));
                 }
             }
         }
     }
-    for (_, records) in &pending {
-        for r in records {
-            fleet.unacknowledged(r, title_index[&r.title_id]);
+    // Ticks inside the window that the generator never reached were due all the same.
+    stats.due += owed_after(&fleet, tick, window);
+    for (_, sent) in &pending {
+        for s in sent {
+            fleet.unacknowledged(s);
         }
     }
     let (expected, unverifiable) = fleet.expected();
     Ok((stats, expected, unverifiable))
+}
+
+/// Heartbeats due in the measured window from `tick` on: what a generator that fell behind
+/// its schedule never sent.
+pub fn owed_after(fleet: &Fleet, mut tick: u64, window: Window) -> u64 {
+    let mut owed = 0;
+    loop {
+        let intended = window.start + TICK * tick as u32;
+        if intended >= window.end {
+            return owed;
+        }
+        if window.measuring(intended) {
+            owed += fleet.due_count(tick);
+        }
+        tick += 1;
+    }
 }

@@ -346,21 +346,20 @@ async fn fleet_connection(
     let mut tokens = Tokens::new(&args.hs256_secret);
     let mut stats = TaskStats::new();
     let mut body = Vec::with_capacity(256);
-    let title_index: HashMap<u64, u32> = titles
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.title_id, i as u32))
-        .collect();
     let mut tick = 0u64;
     let mut due = Vec::new();
     while Instant::now() < window.end {
         let intended = window.start + TICK * tick as u32;
         tokio::time::sleep_until(intended.into()).await;
         due.clear();
-        fleet.due(tick, playhead::model::now_ms(), titles, |r| due.push(r));
+        fleet.due(tick, playhead::model::now_ms(), titles, |s| due.push(s));
         tick += 1;
-        for r in &due {
-            let title = &titles[title_index[&r.title_id] as usize];
+        if window.measuring(intended) {
+            stats.due += due.len() as u64;
+        }
+        for s in &due {
+            let r = &s.record;
+            let title = &titles[s.title as usize];
             body.clear();
             write!(
                 body,
@@ -377,21 +376,23 @@ async fn fleet_connection(
                 .await;
             let at = Instant::now();
             // The server orders ties by its own device id: the hash of our name.
-            let as_server = playhead::protocol::WireRecord {
-                device_id: DeviceNames::id_of(&device_name(r.device_id)),
-                ..*r
-            };
+            let mut as_server = *s;
+            as_server.record.device_id = DeviceNames::id_of(&device_name(r.device_id));
             let ok = count(result.ok().map(|r| r.status), live, &mut stats, window, at);
             if ok {
-                fleet.acknowledged(&as_server, title_index[&r.title_id]);
+                fleet.acknowledged(&as_server);
             } else {
-                fleet.unacknowledged(&as_server, title_index[&r.title_id]);
+                fleet.unacknowledged(&as_server);
             }
             if window.measuring(intended) {
+                if ok {
+                    stats.due_acked += 1;
+                }
                 stats.record_latency(at - start);
             }
         }
     }
+    stats.due += crate::binary::owed_after(&fleet, tick, window);
     let (expected, unverifiable) = fleet.expected();
     Ok((stats, expected, unverifiable))
 }

@@ -1,5 +1,5 @@
-//! The Redis peers of the comparison (issue 7), driven by the same `max` and `read`
-//! workloads so the numbers compare like for like:
+//! The Redis peers of the comparison (issue 7), driven by the same `max`, `fleet` and
+//! `read` workloads so the numbers compare like for like:
 //!
 //! - `redis-lww`: the same last-write-wins upsert Playhead does, as a Lua script run with
 //!   EVALSHA per heartbeat (compare `(timestamp, device, position)`, write if newer);
@@ -24,6 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
+use crate::fleet::{Fleet, Sent, TICK};
 use crate::report::{Live, TaskStats, Window};
 use crate::workload::{LoadTitle, Outcome};
 use crate::{Args, Protocol, Workload};
@@ -157,11 +158,114 @@ pub async fn run(
             sha.clone(),
         );
         tasks.spawn(async move {
-            let stats = connection(&args, &titles, &live, window, c, connections, &sha).await?;
+            let stats = if args.workload == Workload::Fleet {
+                let fleet = Fleet::for_connection(&args, c, connections, &titles);
+                fleet_connection(&args, &titles, &live, window, fleet, &sha).await?
+            } else {
+                connection(&args, &titles, &live, window, c, connections, &sha).await?
+            };
             Ok((stats, Vec::new(), 0))
         });
     }
     crate::workload::gather(tasks, "batch").await
+}
+
+/// Appends one heartbeat as the peer's command: the LWW script, or a plain SET.
+fn command(
+    out: &mut Vec<u8>,
+    args: &Args,
+    sha: &str,
+    key: &str,
+    ts: u64,
+    device: u32,
+    position: u32,
+) {
+    if args.protocol == Protocol::RedisLww {
+        out.extend_from_slice(b"*7\r\n");
+        bulk(out, b"EVALSHA");
+        bulk(out, sha.as_bytes());
+        bulk(out, b"1");
+        bulk(out, key.as_bytes());
+        bulk(out, ts.to_string().as_bytes());
+        bulk(out, device.to_string().as_bytes());
+        bulk(out, position.to_string().as_bytes());
+    } else {
+        out.extend_from_slice(b"*3\r\n");
+        bulk(out, b"SET");
+        bulk(out, key.as_bytes());
+        bulk(out, format!("{ts}:{device}:{position}").as_bytes());
+    }
+}
+
+/// `fleet` against Redis: the same viewers and ticks as the binary driver, each tick's
+/// heartbeats pipelined in chunks of `--batch`, so Redis is measured at the real traffic
+/// shape (due, acknowledged, latency from the tick's intended time).
+async fn fleet_connection(
+    args: &Args,
+    titles: &[LoadTitle],
+    live: &Live,
+    window: Window,
+    mut fleet: Fleet,
+    sha: &str,
+) -> anyhow::Result<TaskStats> {
+    let mut stats = TaskStats::new();
+    if fleet.len() == 0 {
+        return Ok(stats);
+    }
+    let mut conn = Conn::connect(args).await?;
+    let batch = args.batch.max(1);
+    let mut out = Vec::with_capacity(batch * 96);
+    let mut key = String::with_capacity(64);
+    let mut due: Vec<Sent> = Vec::new();
+    let mut tick = 0u64;
+    while Instant::now() < window.end {
+        let intended = window.start + TICK * tick as u32;
+        tokio::time::sleep_until(intended.into()).await;
+        let start = crate::report::latency_start(intended, Instant::now());
+        due.clear();
+        fleet.due(tick, playhead::model::now_ms(), titles, |s| due.push(s));
+        tick += 1;
+        let measured = window.measuring(intended);
+        if measured {
+            stats.due += due.len() as u64;
+        }
+        for chunk in due.chunks(batch) {
+            out.clear();
+            for s in chunk {
+                let r = &s.record;
+                key.clear();
+                let _ = std::fmt::Write::write_fmt(
+                    &mut key,
+                    format_args!("ph:{}:{}:{}", r.account_id, r.profile_id, r.title_id),
+                );
+                command(
+                    &mut out,
+                    args,
+                    sha,
+                    &key,
+                    r.timestamp_ms,
+                    r.device_id,
+                    r.position_seconds,
+                );
+            }
+            conn.stream
+                .write_all(&out)
+                .await
+                .context("writing to redis")?;
+            conn.replies(chunk.len()).await?;
+            let at = Instant::now();
+            live.acked.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            if window.measuring(at) {
+                stats.acked += chunk.len() as u64;
+            }
+            if measured {
+                stats.due_acked += chunk.len() as u64;
+                stats.record_latency(at - start);
+            }
+        }
+    }
+    stats.due += crate::binary::owed_after(&fleet, tick, window);
+    Ok(stats)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -62,6 +62,11 @@ pub struct TaskStats {
     pub latency_us: Histogram<u64>,
     /// Records or requests acknowledged inside the window.
     pub acked: u64,
+    /// `fleet`: heartbeats scheduled inside the window (paused viewers send none), whether
+    /// or not the generator got to send them.
+    pub due: u64,
+    /// `fleet`: of those, how many were acknowledged (whenever the answer came).
+    pub due_acked: u64,
     pub busy: u64,
     pub rejected: u64,
     pub errors: u64,
@@ -73,6 +78,8 @@ impl TaskStats {
         Self {
             latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
             acked: 0,
+            due: 0,
+            due_acked: 0,
             busy: 0,
             rejected: 0,
             errors: 0,
@@ -88,6 +95,8 @@ impl TaskStats {
     pub fn merge(&mut self, other: &TaskStats) {
         let _ = self.latency_us.add(&other.latency_us);
         self.acked += other.acked;
+        self.due += other.due;
+        self.due_acked += other.due_acked;
         self.busy += other.busy;
         self.rejected += other.rejected;
         self.errors += other.errors;
@@ -128,6 +137,11 @@ pub struct Report {
     /// Heartbeats (or requests) acknowledged per second in the measured window.
     pub acked_per_sec: f64,
     pub acked: u64,
+    /// `fleet`: heartbeats due in the window (scheduled, pauses excluded), how many of
+    /// them were acknowledged, and the ratio (1.0 when the server kept up with the fleet).
+    pub due: u64,
+    pub due_acked: u64,
+    pub due_acked_ratio: f64,
     pub reads: u64,
     pub busy: u64,
     pub rejected: u64,
@@ -164,6 +178,13 @@ impl Report {
             measured_secs: measured.as_secs_f64(),
             acked_per_sec: stats.acked as f64 / measured.as_secs_f64().max(1e-9),
             acked: stats.acked,
+            due: stats.due,
+            due_acked: stats.due_acked,
+            due_acked_ratio: if stats.due > 0 {
+                stats.due_acked as f64 / stats.due as f64
+            } else {
+                0.0
+            },
             reads: stats.reads,
             busy: stats.busy,
             rejected: stats.rejected,
@@ -214,6 +235,13 @@ impl Report {
             "  {:<28} {:>14.0}",
             "acknowledged per second", self.acked_per_sec
         );
+        if self.due > 0 {
+            println!("  {:<28} {:>14}", "due (scheduled, in window)", self.due);
+            println!(
+                "  {:<28} {:>14}   ratio {:.4}",
+                "due and acknowledged", self.due_acked, self.due_acked_ratio
+            );
+        }
         if self.reads > 0 {
             println!("  {:<28} {:>14}", "reads", self.reads);
         }

@@ -424,7 +424,7 @@ pub fn render(state: &AppState) -> String {
         "New keys refused because the coalescer was full.",
         c.overloaded,
     );
-    head(&mut out, "playhead_coalescer_keys", "gauge", "Keys in memory: dirty (written since the flush began) and flushing (being written to the store).");
+    head(&mut out, "playhead_coalescer_keys", "gauge", "Keys in memory: dirty (the store lacks their newest value), flushing (of those, being written by the running cycle), clean (stored, kept while the viewer plays).");
     sample(
         &mut out,
         "playhead_coalescer_keys",
@@ -436,6 +436,19 @@ pub fn render(state: &AppState) -> String {
         "playhead_coalescer_keys",
         "state=\"flushing\"",
         c.flushing_keys,
+    );
+    sample(
+        &mut out,
+        "playhead_coalescer_keys",
+        "state=\"clean\"",
+        c.clean_keys,
+    );
+    single(
+        &mut out,
+        "playhead_coalescer_evicted_total",
+        "counter",
+        "Clean keys evicted from memory (idle, or their shard near its bound).",
+        c.evicted,
     );
     single(
         &mut out,
@@ -480,6 +493,13 @@ pub fn render(state: &AppState) -> String {
         "counter",
         "Store batch writes retried.",
         load(&e.flush_retries),
+    );
+    single(
+        &mut out,
+        "playhead_flush_panics_total",
+        "counter",
+        "Flush cycles failed by a panicking flush task (the keys stay dirty; the next cycle retries).",
+        load(&e.flush_panics),
     );
     head(
         &mut out,
