@@ -83,6 +83,11 @@ print(int(keys), int(m.get("playhead_flush_rows_total", 0)), int(m.get("playhead
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
+# Whatever happens, leave no server or generator behind.
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
 run_rung() {
   local viewers=$1
   local data
@@ -92,18 +97,21 @@ run_rung() {
     PLAYHEAD_BINARY__LISTEN=127.0.0.1:$BIN_PORT PLAYHEAD_API__CATALOG_PATH=config/catalog.toml \
     "$BIN" serve > "$OUT/server-$viewers.log" 2>&1 &
   local server=$!
+  PIDS+=("$server")
   for _ in $(seq 1 100); do curl -sf "127.0.0.1:$HTTP_PORT/readyz" >/dev/null && break; sleep 0.1; done
   "$LOADGEN" fleet --viewers "$viewers" --connections "$CONNECTIONS" --threads "$LOADGEN_THREADS" \
     --duration-secs "$DURATION" --warmup-secs "$WARMUP" --verify --quiet \
     --binary-addr 127.0.0.1:$BIN_PORT --http-addr 127.0.0.1:$HTTP_PORT \
     --json "$OUT/loadgen-$viewers.json" > "$OUT/loadgen-$viewers.txt" 2>&1 &
   local gen=$!
+  PIDS+=("$gen")
   sleep "$WARMUP"
+  kill -0 $gen 2>/dev/null || { echo "the generator exited early:" >&2; tail -5 "$OUT/loadgen-$viewers.txt" >&2; exit 1; }
   local cpu0 gen0 s0 t0
   cpu0=$(thread_cpu $server); gen0=$(proc_cpu $gen); s0=$(sample); t0=$(date +%s.%N)
   sleep $((DURATION / 4)); local q1; q1=$(sample)
   sleep $((DURATION / 4)); local q2; q2=$(sample)
-  sleep $((DURATION / 2 - 1)); local s1 rss cpu1 gen1 t1
+  sleep $((DURATION / 2 - 4)); local s1 rss cpu1 gen1 t1
   s1=$(sample); rss=$(rss_kb $server); cpu1=$(thread_cpu $server); gen1=$(proc_cpu $gen); t1=$(date +%s.%N)
   local status=0
   wait $gen || status=$?
@@ -152,6 +160,7 @@ run_peer() {
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync everysec \
     --dir "$data" --daemonize no > "$OUT/redis.log" 2>&1 &
   local redis=$!
+  PIDS+=("$redis")
   sleep 1
   "$LOADGEN" fleet --protocol redis-lww --viewers "$viewers" --connections "$CONNECTIONS" \
     --threads "$LOADGEN_THREADS" --duration-secs "$DURATION" --warmup-secs "$WARMUP" --quiet \

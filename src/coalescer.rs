@@ -174,24 +174,47 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The window as residues of the period, computed once per pick.
+    fn window(&self) -> CheckpointWindow {
+        let whole =
+            self.period_ms == 0 || self.to_ms.saturating_sub(self.from_ms) >= self.period_ms;
+        let period = self.period_ms.max(1);
+        CheckpointWindow {
+            whole,
+            period,
+            from: self.from_ms % period,
+            to: self.to_ms % period,
+        }
+    }
+}
+
+/// [`Checkpoint`] ready for a pass over millions of keys: no division per key.
+#[derive(Clone, Copy)]
+struct CheckpointWindow {
+    whole: bool,
+    period: u64,
+    from: u64,
+    to: u64,
+}
+
+impl CheckpointWindow {
     #[inline]
     fn due(&self, key: &Key) -> bool {
-        if self.period_ms == 0 || self.to_ms.saturating_sub(self.from_ms) >= self.period_ms {
+        if self.whole {
             return true;
         }
-        let phase = phase_ms(key, self.period_ms);
-        let (from, to) = (self.from_ms % self.period_ms, self.to_ms % self.period_ms);
-        if from <= to {
-            (from..to).contains(&phase)
+        let phase = phase_ms(key, self.period);
+        if self.from <= self.to {
+            (self.from..self.to).contains(&phase)
         } else {
-            phase >= from || phase < to
+            phase >= self.from || phase < self.to
         }
     }
 }
 
 /// Where in a checkpoint period of `period_ms` a key's checkpoint falls: a cheap mix of
-/// the key, fixed for the key's life, so a profile's titles and a household's profiles
-/// spread over the period.
+/// the key mapped onto the period by multiply-shift (no division), fixed for the key's
+/// life, so a profile's titles and a household's profiles spread over the period.
 #[inline]
 fn phase_ms(key: &Key, period_ms: u64) -> u64 {
     let mixed = key
@@ -200,7 +223,8 @@ fn phase_ms(key: &Key, period_ms: u64) -> u64 {
         .rotate_left(29)
         ^ key.profile_id.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
         ^ key.title_id.wrapping_mul(0x1656_67B1_9E37_79F9);
-    (mixed >> 17) % period_ms
+    let mixed = mixed ^ (mixed >> 31);
+    ((u128::from(mixed) * u128::from(period_ms)) >> 64) as u64
 }
 
 /// What a flush cycle took: copies of the values to write, and what the log may drop once
@@ -211,7 +235,8 @@ pub struct Picked {
     pub epoch: u32,
     /// The oldest epoch among dirty keys left unpicked, if any.
     pub oldest_unpicked: Option<u32>,
-    /// Whether `max_rows` cut the pick short.
+    /// Whether `max_rows` cut the pick short: due keys were left (idle ones are picked by
+    /// a later cycle; checkpoints left wait for their next period).
     pub capped: bool,
     idle_before: u32,
 }
@@ -477,14 +502,20 @@ impl Coalescer {
             idle_before: pick.idle_before,
         };
         let mut evict: Vec<Key> = Vec::new();
-        for cell in self.shards.iter() {
+        let checkpoint = pick.checkpoint.window();
+        // Each pick starts at another shard, so a pick cut short by `max_rows` does not
+        // always leave the same shards for later.
+        let first = (picked.epoch as usize).wrapping_mul(0x9E37_79B9) & self.shard_mask;
+        let order = self.shards[first..].iter().chain(&self.shards[..first]);
+        for cell in order {
             let mut guard = cell.lock();
             let shard = &mut *guard;
             let pressed = shard.map.len() >= self.max_keys_per_shard / 10 * 9;
             evict.clear();
             let records = &mut picked.records;
             let (oldest, capped) = (&mut picked.oldest_unpicked, &mut picked.capped);
-            shard.map.for_each_meta_mut(|key, value, meta| {
+            shard.map.for_each(|key, held| {
+                let meta = held.meta;
                 let idle = meta.epoch() < pick.idle_before;
                 if !meta.is_dirty() {
                     if idle || pressed {
@@ -492,9 +523,9 @@ impl Coalescer {
                     }
                     return;
                 }
-                let due = pick.all || idle || pick.checkpoint.due(&key);
+                let due = pick.all || idle || checkpoint.due(&key);
                 if due && records.len() < pick.max_rows {
-                    records.push(Record::new(key, value));
+                    records.push(Record::new(key, held.value));
                 } else {
                     *capped |= due;
                     *oldest = Some(oldest.map_or(meta.epoch(), |o| o.min(meta.epoch())));

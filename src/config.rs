@@ -295,8 +295,9 @@ pub struct FlushConfig {
     /// fixed by its key). Bounds how stale the store is for a key that never goes idle.
     /// 0: every dirty key is written by every cycle.
     pub checkpoint_ms: u64,
-    /// Most rows one cycle writes; the rest wait for the next cycle (and keep their log
-    /// segments). Bounds the cycle's copy of the rows (40 bytes each).
+    /// Most rows one cycle writes; idle keys left over wait for the next cycle (and keep
+    /// their log segments), checkpoints left over for their next period. Bounds the
+    /// cycle's copy of the rows (40 bytes each).
     pub max_rows_per_cycle: usize,
     /// Rows per store write.
     pub batch_rows: usize,
@@ -316,7 +317,7 @@ impl Default for FlushConfig {
         Self {
             interval_ms: 1_000,
             idle_ms: 10_000,
-            checkpoint_ms: 60_000,
+            checkpoint_ms: 300_000,
             max_rows_per_cycle: 2_000_000,
             batch_rows: 8_192,
             max_concurrency: 4,
