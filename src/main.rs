@@ -37,7 +37,8 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Print the effective configuration (file + environment) as TOML and exit.
+    /// Print the effective configuration (file + environment) as TOML and exit; secrets
+    /// print as "<redacted>".
     Config {
         #[arg(long)]
         config: Option<PathBuf>,
@@ -77,7 +78,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Config { .. } => match toml::to_string_pretty(&config) {
+        Command::Config { .. } => match toml::to_string_pretty(&config.redacted()) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS
