@@ -494,7 +494,27 @@ impl Default for CassandraStoreConfig {
 /// Longest TTL Cassandra accepts (20 years).
 pub const MAX_CASSANDRA_TTL_SECONDS: u64 = 630_720_000;
 
+/// What [`Config::redacted`] prints in place of a secret.
+pub const REDACTED: &str = "<redacted>";
+
 impl Config {
+    /// This configuration with every secret (`auth.hs256_secret`, `binary.secret`,
+    /// `store.cassandra.password`) replaced by [`REDACTED`], for printing (`playhead
+    /// config`). An empty secret stays empty: it says the feature is off, and reveals nothing.
+    pub fn redacted(&self) -> Config {
+        let mut config = self.clone();
+        for secret in [
+            &mut config.auth.hs256_secret,
+            &mut config.binary.secret,
+            &mut config.store.cassandra.password,
+        ] {
+            if !secret.is_empty() {
+                *secret = REDACTED.into();
+            }
+        }
+        config
+    }
+
     /// Loads defaults, then `file` (or [`DEFAULT_CONFIG_PATH`] when it exists and `file` is
     /// `None`), then `PLAYHEAD_<SECTION>__<KEY>` variables from `env`, and validates.
     pub fn load<I>(file: Option<&Path>, env: I) -> Result<Self, ConfigError>

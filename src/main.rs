@@ -37,7 +37,8 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Print the effective configuration (file + environment) as TOML and exit.
+    /// Print the effective configuration (file + environment) as TOML and exit; secrets
+    /// print as "<redacted>".
     Config {
         #[arg(long)]
         config: Option<PathBuf>,
@@ -77,7 +78,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Config { .. } => match toml::to_string_pretty(&config) {
+        Command::Config { .. } => match toml::to_string_pretty(&config.redacted()) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS
@@ -151,8 +152,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let store = EmbeddedStore::open(&dir, config.store.embedded.cache_bytes)
                 .with_context(|| format!("opening the embedded store in {}", dir.display()))?;
             // Memtable flushes and compaction only have to keep up on average: let ingest
-            // and reads preempt them (playhead::priority).
-            playhead::priority::lower_threads_named("fjall:worker", config.server.background_nice);
+            // and reads preempt them (playhead::priority), also after a reopen.
+            store.lower_worker_priority(config.server.background_nice);
             Arc::new(store)
         }
         StoreKind::Cassandra => Arc::new(

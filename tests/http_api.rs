@@ -543,6 +543,61 @@ async fn bad_input_gets_a_4xx_naming_the_problem() {
     s.stop().await;
 }
 
+/// An embedded store whose reads block their thread (a disk that stalls, injected with
+/// `std::thread::sleep` inside fjall's read path, not an async sleep) on a runtime with one
+/// worker: a resume read of a flushed title still answers 0 within the read budget, a
+/// title in memory answers from memory, continue-watching degrades, and requests that do not
+/// read the store (a heartbeat, /healthz) are answered meanwhile: the blocked reads hold
+/// blocking-pool threads, never the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn embedded_reads_that_block_their_thread_still_answer_within_the_budget() {
+    const STALL_MS: u64 = 3_000;
+    let s = TestServer::start_with(|c| c.store.read_timeout_ms = 50).await;
+    let t = s.token(19, 1);
+    s.post_progress(&t, &progress("inception", 900, "tv", now_ms() - 10_000))
+        .await;
+    s.engine.flush().await.unwrap();
+    s.post_progress(&t, &progress("interstellar", 400, "tv", now_ms() - 5_000))
+        .await;
+
+    let heartbeat = progress("arrival", 60, "tv", now_ms());
+    s.embedded.set_read_stall_ms(STALL_MS);
+    let started = Instant::now();
+    let (flushed, in_memory, listed, posted, alive) = tokio::join!(
+        s.resume(&t, "inception"),
+        s.resume(&t, "interstellar"),
+        s.request("GET", "/api/v1/continue-watching", Some(&t), None),
+        s.post_progress(&t, &heartbeat),
+        s.request("GET", "/healthz", None, None),
+    );
+    let elapsed = started.elapsed();
+    s.embedded.set_read_stall_ms(0);
+    // Well under the stall: nothing waited for a blocked read.
+    assert!(
+        elapsed < Duration::from_millis(STALL_MS / 2),
+        "answered after {elapsed:?} with reads blocked for {STALL_MS} ms"
+    );
+    assert_eq!(
+        (
+            flushed["resume_position_seconds"].as_u64(),
+            flushed["source"].as_str()
+        ),
+        (Some(0), Some("degraded"))
+    );
+    assert_eq!(
+        (
+            in_memory["resume_position_seconds"].as_u64(),
+            in_memory["source"].as_str()
+        ),
+        (Some(400), Some("memory"))
+    );
+    assert_eq!(listed.status, 200);
+    assert_eq!(listed.json()["source"], "degraded");
+    assert_eq!(posted.status, 204, "{}", posted.body);
+    assert_eq!(alive.status, 200);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn reads_degrade_to_zero_within_the_budget_when_the_store_fails() {
     let s = TestServer::start_with(|c| c.store.read_timeout_ms = 50).await;

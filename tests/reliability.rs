@@ -317,7 +317,9 @@ fn spot_check_over_http(p: &Process, w: &Workload, states: &[ConnState], samples
         if acked == 0 {
             continue;
         }
-        let at = v["updated_at_ms"].as_u64().expect("a saved position");
+        let at = v["updated_at_ms"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("key {c}/{k}: acknowledged {acked}, read {v}"));
         assert!(at >= acked, "key {c}/{k}: read {at} < acknowledged {acked}");
         assert_eq!(
             v["resume_position_seconds"].as_u64().unwrap(),
@@ -1199,6 +1201,194 @@ fn unwritable_log_refuses_writes_then_recovers_by_itself() {
         noticed.as_millis(),
         recovered_in.as_millis()
     );
+}
+
+/// A tmpfs of a fixed size mounted on `at` (created if missing), unmounted on drop: a real
+/// small filesystem to fill up. Mounting needs root; `Err` says why it cannot be done here.
+struct SmallFs {
+    at: PathBuf,
+}
+
+impl SmallFs {
+    fn mount(at: &Path, size_mib: u64) -> Result<Self, String> {
+        std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mib}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "`mount -t tmpfs` failed (needs root): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Self {
+            at: at.to_path_buf(),
+        })
+    }
+
+    /// Writes `name` until the filesystem is full; returns its path.
+    fn fill(&self, name: &str) -> PathBuf {
+        use std::io::Write;
+        let path = self.at.join(name);
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0xA5u8; 64 << 10];
+        while file.write_all(&chunk).is_ok() {}
+        while file.write_all(&chunk[..4096]).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.at)
+            .output();
+    }
+}
+
+/// Polls `/readyz` until `done` accepts its JSON body, for at most `limit`.
+fn wait_for_readyz(
+    p: &Process,
+    limit: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let a = p.http("GET", "/readyz", None, None);
+        let body = a.json();
+        if done(&body) {
+            return body;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "/readyz never changed as expected within {limit:?}; last: {} {body}\n{}",
+            a.status,
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The embedded store on a real 64 MiB filesystem (tmpfs) that fills up while heartbeats
+/// flow (the commit log is on another filesystem and keeps acknowledging): fjall poisons its
+/// database, `/readyz` reports the store failing and `playhead_store_healthy` is 0; once
+/// space is freed the store reopens itself, flush cycles complete again, `/readyz` is ready,
+/// SIGTERM leaves nothing in the log, and every acknowledged newest value is in the store.
+#[test]
+fn a_full_store_disk_recovers_without_a_restart() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let fs = match SmallFs::mount(&dir.path().join("store"), 64) {
+        Ok(fs) => fs,
+        Err(why) => {
+            println!(
+                "RESULT store_disk_full: SKIPPED: cannot mount a small filesystem here: {why}"
+            );
+            return;
+        }
+    };
+    let overrides = [
+        o("WAL__SYNC_MODE", "group"),
+        o("FLUSH__INTERVAL_MS", 100),
+        o("FLUSH__RETRY_MAX_MS", 400),
+    ];
+    let mut p = Process::start(dir.path(), &overrides);
+    let mut w = Workload::new(2, 2_000, 200, 9_000_000);
+    w.pace = Some(Duration::from_millis(5));
+    w.in_flight = 4;
+    let w = Arc::new(w);
+    let acks = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let driver = rt.spawn(drive(
+        Arc::clone(&w),
+        p.binary,
+        w.fresh_states(),
+        Arc::clone(&acks),
+        stop_rx,
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(acks.load(Ordering::SeqCst) > 0);
+    assert_eq!(
+        p.http("GET", "/readyz", None, None).json()["status"],
+        "ready"
+    );
+
+    let filled_at = Instant::now();
+    let filler = fs.fill("filler.bin");
+    let failing = wait_for_readyz(&p, Duration::from_secs(20), |b| {
+        b["store"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("failing"))
+    });
+    let noticed = filled_at.elapsed();
+    assert_eq!(failing["status"], "degraded", "{failing}");
+    let m = p.metrics();
+    assert_eq!(metric(&m, "playhead_store_healthy"), 0.0, "{m}");
+    assert!(metric(&m, "playhead_store_consecutive_failures") >= 3.0);
+    // While it lasts, heartbeats are still acknowledged (into the log) and flushes stall.
+    let cycles_full = metric(&m, "playhead_flush_cycles_total");
+    let acks_full = acks.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1_000));
+    assert!(acks.load(Ordering::SeqCst) > acks_full, "ingest stopped");
+    let m = p.metrics();
+    assert_eq!(
+        metric(&m, "playhead_flush_cycles_total"),
+        cycles_full,
+        "a flush completed on a full disk"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let freed_at = Instant::now();
+    let ready = wait_for_readyz(&p, Duration::from_secs(20), |b| b["status"] == "ready");
+    let recovered = freed_at.elapsed();
+    assert_eq!(ready["store"], "reachable");
+    // Flush cycles complete again.
+    let m = p.metrics();
+    let cycles_back = metric(&m, "playhead_flush_cycles_total");
+    assert!(
+        cycles_back > cycles_full,
+        "no flush cycle completed after space was freed"
+    );
+    assert_eq!(metric(&m, "playhead_store_healthy"), 1.0);
+    let reopens = metric(&m, "playhead_embedded_reopens_total{outcome=\"ok\"}");
+    assert!(reopens >= 1.0, "{m}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(metric(&p.metrics(), "playhead_flush_cycles_total") > cycles_back);
+
+    let _ = stop_tx.send(true);
+    let states = rt.block_on(driver).unwrap();
+    let acked: u64 = states.iter().map(|s| s.acked_records).sum();
+    // SIGTERM: the final flush lands everything (left_in_log=0), exit 0.
+    p.stop_clean();
+    let stored = stored_versions(dir.path(), &w);
+    let (checked, lost) = acked_losses(&states, &stored);
+    assert_eq!(lost, 0);
+    // A restart on the same directories serves them, ready at once (a generous read
+    // budget: this checks what is stored, not how fast a loaded machine reads it).
+    let mut restart = overrides.to_vec();
+    restart.push(o("STORE__READ_TIMEOUT_MS", 2_000));
+    let p = Process::start(dir.path(), &restart);
+    spot_check_over_http(&p, &w, &states, 50);
+    assert_eq!(
+        p.http("GET", "/readyz", None, None).json()["status"],
+        "ready"
+    );
+    drop(p);
+    println!(
+        "RESULT store_disk_full: fs=tmpfs_64MiB noticed_after_ms={} recovered_after_ms={} reopens_ok={reopens} acked={acked} checked={checked} lost=0",
+        noticed.as_millis(),
+        recovered.as_millis()
+    );
+    drop(fs);
 }
 
 /// More load than the server may take (a coalescer capped at 2 000 keys and never flushed

@@ -162,6 +162,50 @@ fn config_subcommand_prints_the_effective_configuration() {
     assert!(text.contains("sync_mode = \"group\""), "{text}");
 }
 
+/// `playhead config` is safe to paste into a ticket: every secret (the HS256 secret, the
+/// binary listener's secret, the Cassandra password) prints as `"<redacted>"`, set or
+/// defaulted, while the other settings print as they are.
+#[test]
+fn config_subcommand_redacts_secrets() {
+    let out = Command::new(BIN)
+        .arg("config")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("PLAYHEAD_AUTH__HS256_SECRET", "hs256-secret-do-not-print")
+        .env("PLAYHEAD_BINARY__SECRET", "binary-secret-do-not-print")
+        .env("PLAYHEAD_STORE__CASSANDRA__USERNAME", "playhead")
+        .env(
+            "PLAYHEAD_STORE__CASSANDRA__PASSWORD",
+            "cassandra-password-do-not-print",
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("do-not-print"), "{text}");
+    let parsed: toml::Table = text.parse().unwrap();
+    assert_eq!(parsed["auth"]["hs256_secret"].as_str(), Some("<redacted>"));
+    assert_eq!(parsed["binary"]["secret"].as_str(), Some("<redacted>"));
+    let cassandra = &parsed["store"]["cassandra"];
+    assert_eq!(cassandra["password"].as_str(), Some("<redacted>"));
+    assert_eq!(cassandra["username"].as_str(), Some("playhead"));
+    // The shipped defaults are secrets too (anyone who read them can mint tokens), and
+    // an empty secret stays empty: it tells the reader the feature is off.
+    let out = Command::new(BIN)
+        .arg("config")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains(playhead::config::BINARY_DEV_SECRET),
+        "{text}"
+    );
+    assert!(!text.contains(playhead::auth::DEV_SECRET), "{text}");
+    let parsed: toml::Table = text.parse().unwrap();
+    assert_eq!(parsed["auth"]["hs256_secret"].as_str(), Some("<redacted>"));
+    assert_eq!(parsed["store"]["cassandra"]["password"].as_str(), Some(""));
+}
+
 /// What the README tells a developer to do: start the server, mint a token with
 /// `playhead token`, post a heartbeat, read it back; SIGTERM then leaves it in the store.
 #[test]

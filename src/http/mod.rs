@@ -34,6 +34,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::metrics::{self, Histogram};
 use crate::model::{Key, Value};
+use crate::store::WriteHealth;
 use error::ApiError;
 
 /// Every answer: a whole body in one buffer (the largest is `/metrics`, ~16 KiB), so hyper
@@ -323,6 +324,14 @@ async fn readyz(state: &AppState) -> Response {
             serde_json::json!({"status": "unavailable", "wal": format!("failing: {reason}"), "store": "unknown"}),
         );
     }
+    if let Some(error) = shared.store.write_health().and_then(WriteHealth::failing) {
+        // Still serving (from memory, acknowledging into the log), but nothing reaches
+        // the store: `degraded`, as for a store that cannot be read.
+        return json_response(
+            StatusCode::OK,
+            serde_json::json!({"status": "degraded", "wal": "replayed", "store": format!("failing: {error}"), "store_kind": shared.store.name()}),
+        );
+    }
     let budget = Duration::from_millis(state.config.store.read_timeout_ms);
     let probe = tokio::time::timeout(budget, shared.store.get(Key::new(0, 0, 0))).await;
     let (status, store) = match probe {
@@ -548,6 +557,22 @@ pub fn render(state: &AppState) -> String {
         "Rows removed by the retention purge.",
         load(&e.purged_rows),
     );
+    if let Some(health) = shared.store.write_health() {
+        single(
+            &mut out,
+            "playhead_store_healthy",
+            "gauge",
+            "1 while the store takes writes and syncs, 0 once several failed in a row.",
+            u8::from(health.failing().is_none()),
+        );
+        single(
+            &mut out,
+            "playhead_store_consecutive_failures",
+            "gauge",
+            "Store writes and syncs that failed since the last successful sync.",
+            health.consecutive_failures(),
+        );
+    }
     shared.store.render_metrics(&mut out);
 
     let w = shared.wal.stats();

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Store, StoreError, TitleEntry};
+use super::{Store, StoreError, TitleEntry, WriteHealth};
 use crate::model::{Key, Record, Value};
 
 /// The knobs of a [`FaultyStore`], shared between the store and the test that drives it.
@@ -88,6 +88,9 @@ impl FaultSwitch {
 pub struct FaultyStore<S> {
     inner: S,
     switch: Arc<FaultSwitch>,
+    /// Every write and sync outcome, injected failures included, so `/readyz` and
+    /// `/metrics` report an injected outage as they would a real one.
+    health: WriteHealth,
 }
 
 impl<S: Store> FaultyStore<S> {
@@ -95,6 +98,7 @@ impl<S: Store> FaultyStore<S> {
         Self {
             inner,
             switch: Arc::new(FaultSwitch::default()),
+            health: WriteHealth::default(),
         }
     }
 
@@ -115,34 +119,15 @@ impl<S: Store> Store for FaultyStore<S> {
     }
 
     async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError> {
-        self.switch.write_attempts.fetch_add(1, Ordering::SeqCst);
-        if self.switch.fail_writes.load(Ordering::SeqCst) {
-            self.switch.failed_writes.fetch_add(1, Ordering::SeqCst);
-            return Err(StoreError::Unavailable("injected write failure".into()));
-        }
-        self.inner.write_batch(records).await?;
-        self.switch
-            .rows_written
-            .fetch_add(records.len() as u64, Ordering::SeqCst);
-        Ok(())
+        let written = self.write_batch_with_faults(records).await;
+        self.health.record_write(&written);
+        written
     }
 
-    /// Fails like a write while writes fail (an outage takes the journal down too), and
-    /// as often as [`FaultSwitch::fail_next_syncs`] asked.
     async fn sync(&self) -> Result<(), StoreError> {
-        let switch = &self.switch;
-        switch.sync_attempts.fetch_add(1, Ordering::SeqCst);
-        switch
-            .rows_written_before_last_sync
-            .store(switch.rows_written(), Ordering::SeqCst);
-        let asked = switch
-            .syncs_to_fail
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if asked || switch.fail_writes.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("injected sync failure".into()));
-        }
-        self.inner.sync().await
+        let synced = self.sync_with_faults().await;
+        self.health.record_sync(&synced);
+        synced
     }
 
     async fn get(&self, key: Key) -> Result<Option<Value>, StoreError> {
@@ -171,8 +156,45 @@ impl<S: Store> Store for FaultyStore<S> {
         self.inner.prefers_key_ordered_batches()
     }
 
+    fn write_health(&self) -> Option<&WriteHealth> {
+        Some(&self.health)
+    }
+
     fn render_metrics(&self, out: &mut String) {
         self.inner.render_metrics(out);
+    }
+}
+
+impl<S: Store> FaultyStore<S> {
+    async fn write_batch_with_faults(&self, records: &[Record]) -> Result<(), StoreError> {
+        self.switch.write_attempts.fetch_add(1, Ordering::SeqCst);
+        if self.switch.fail_writes.load(Ordering::SeqCst) {
+            self.switch.failed_writes.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::Unavailable("injected write failure".into()));
+        }
+        self.inner.write_batch(records).await?;
+        self.switch
+            .rows_written
+            .fetch_add(records.len() as u64, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Fails like a write while writes fail (an outage takes the journal down too), and
+    /// as often as [`FaultSwitch::fail_next_syncs`] asked.
+    async fn sync_with_faults(&self) -> Result<(), StoreError> {
+        let switch = &self.switch;
+        switch.sync_attempts.fetch_add(1, Ordering::SeqCst);
+        switch
+            .rows_written_before_last_sync
+            .store(switch.rows_written(), Ordering::SeqCst);
+        let asked = switch
+            .syncs_to_fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if asked || switch.fail_writes.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected sync failure".into()));
+        }
+        self.inner.sync().await
     }
 }
 
@@ -230,6 +252,10 @@ impl Store for Arc<dyn Store> {
 
     fn prefers_key_ordered_batches(&self) -> bool {
         (**self).prefers_key_ordered_batches()
+    }
+
+    fn write_health(&self) -> Option<&WriteHealth> {
+        (**self).write_health()
     }
 
     fn render_metrics(&self, out: &mut String) {

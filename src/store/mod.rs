@@ -7,7 +7,10 @@
 //!
 //! Every store must pass the one conformance suite in `tests/store_conformance.rs`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use async_trait::async_trait;
+use parking_lot::Mutex;
 
 use crate::model::{Key, Record, Value};
 
@@ -32,6 +35,57 @@ pub enum StoreError {
     Timeout(u64),
     #[error("store holds a malformed row for {key:?}: {detail}")]
     Corrupt { key: Option<Key>, detail: String },
+}
+
+/// Failed store writes and syncs (since the last successful sync) after which a store counts
+/// as failing: `/readyz` answers `degraded` with the last error, and `playhead_store_healthy`
+/// is 0. Three, so one refused batch that its first retry lands does not flap readiness.
+pub const FAILING_AFTER_FAILURES: u64 = 3;
+
+/// How a store's recent writes and syncs went, for `/readyz` and `/metrics`. A store that
+/// keeps one returns it from [`Store::write_health`] and records every write and sync in it.
+/// Only a successful *sync* clears the failures: a batch applied to a store that cannot make
+/// it durable is no progress (a full disk lets fjall buffer a batch, then fails its sync).
+#[derive(Debug, Default)]
+pub struct WriteHealth {
+    /// Writes and syncs that failed since the last sync that succeeded.
+    consecutive_failures: AtomicU64,
+    /// The latest failure's message (kept after a success, read only while failing).
+    last_error: Mutex<String>,
+}
+
+impl WriteHealth {
+    /// Records one write's outcome: a failure counts, a success changes nothing.
+    pub fn record_write<T>(&self, outcome: &Result<T, StoreError>) {
+        if let Err(e) = outcome {
+            self.record_failure(e);
+        }
+    }
+
+    /// Records one sync's outcome: a failure counts, a success clears the failures.
+    pub fn record_sync<T>(&self, outcome: &Result<T, StoreError>) {
+        match outcome {
+            Ok(_) => self.consecutive_failures.store(0, Ordering::Relaxed),
+            Err(e) => self.record_failure(e),
+        }
+    }
+
+    fn record_failure(&self, error: &StoreError) {
+        *self.last_error.lock() = error.to_string();
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failed writes and syncs since the last successful sync.
+    pub fn consecutive_failures(&self) -> u64 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// The latest error, once [`FAILING_AFTER_FAILURES`] writes or syncs failed since the
+    /// last successful sync.
+    pub fn failing(&self) -> Option<String> {
+        (self.consecutive_failures() >= FAILING_AFTER_FAILURES)
+            .then(|| self.last_error.lock().clone())
+    }
 }
 
 /// One profile's title as a store lists it.
@@ -94,6 +148,12 @@ pub trait Store: Send + Sync + 'static {
     /// flusher then sorts the whole frozen set before cutting it into batches.
     fn prefers_key_ordered_batches(&self) -> bool {
         false
+    }
+
+    /// The store's record of its recent writes and syncs, when it keeps one (`None`: the
+    /// store does not track it, and `/readyz` judges it by its reads alone).
+    fn write_health(&self) -> Option<&WriteHealth> {
+        None
     }
 
     /// Appends the store's own metrics (Prometheus text format) to `out`; called by the

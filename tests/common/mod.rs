@@ -30,6 +30,9 @@ pub struct TestServer {
     pub binary_addr: SocketAddr,
     pub engine: Engine,
     pub faults: Arc<FaultSwitch>,
+    /// The embedded store under the fault switch (a handle on the same database), for
+    /// faults only it can inject (reads that block their thread).
+    pub embedded: EmbeddedStore,
     pub config: Config,
     stop: watch::Sender<bool>,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -59,8 +62,8 @@ impl TestServer {
         let mut config = test_config(dir.path());
         adjust(&mut config);
         config.validate().unwrap();
-        let store =
-            FaultyStore::new(EmbeddedStore::open(&config.embedded_store_dir(), 8 << 20).unwrap());
+        let embedded = EmbeddedStore::open(&config.embedded_store_dir(), 8 << 20).unwrap();
+        let store = FaultyStore::new(embedded.clone());
         let faults = store.switch();
         let (engine, _) = Engine::open(config.clone(), Arc::new(store)).unwrap();
         let catalog = Catalog::load(&config.api.catalog_path).unwrap();
@@ -83,6 +86,7 @@ impl TestServer {
             binary: Some(binary),
             engine,
             faults,
+            embedded,
             config,
             stop,
             server: Some(server),

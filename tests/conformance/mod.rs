@@ -377,12 +377,14 @@ pub async fn two_engines_flush_in_the_wrong_order(s: Subject) {
 
 /// Expands to one test per case, each with a fresh [`Subject`] from `$make` (an async
 /// expression returning `Option<Subject>`; `None` skips, after the maker printed why).
+/// Attributes after the maker go on every case: `#[ignore = "why"]` for a store that needs
+/// an external service, so an unconfigured run reports the cases as ignored rather than ok.
 #[macro_export]
 macro_rules! conformance_suite {
-    ($module:ident, $make:expr) => {
+    ($module:ident, $make:expr $(, #[$attr:meta])*) => {
         mod $module {
             use super::*;
-            $crate::conformance_suite!(@case $make;
+            $crate::conformance_suite!(@cases $make; [$(#[$attr])*];
                 lww_every_arrival_order,
                 stale_and_duplicate_writes,
                 deletes_versus_late_writes,
@@ -394,14 +396,16 @@ macro_rules! conformance_suite {
                 two_engines_flush_in_the_wrong_order);
         }
     };
-    (@case $make:expr; $($case:ident),*) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                if let Some(subject) = $make.await {
-                    conformance::$case(subject).await;
-                }
+    (@cases $make:expr; $attrs:tt; $($case:ident),*) => {
+        $( $crate::conformance_suite!(@case $make; $attrs; $case); )*
+    };
+    (@case $make:expr; [$($attr:tt)*]; $case:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $($attr)*
+        async fn $case() {
+            if let Some(subject) = $make.await {
+                conformance::$case(subject).await;
             }
-        )*
+        }
     };
 }
