@@ -20,6 +20,11 @@
 //! before the flusher freezes it. So once a flush that began with `rotate() == S` is
 //! acknowledged by the store, [`Wal::mark_flushed`]`(S)` drops every file `<= S`.
 //! A part number > 0 appears when a write error forced a fresh file for the same segment.
+//! A file that fails before holding a whole chunk is deleted instead (its name reused), so a
+//! writer retrying on a full disk leaves no file per try. At start, a file with no more than
+//! the start of a header is deleted (it holds no record); one with a damaged header is
+//! replayed from its intact frames and kept aside as `.wal.corrupt` until its segment is
+//! flushed (see `replay_segment`).
 //!
 //! ## Writing
 //! Appenders encode frames into a shared buffer under a mutex (a memcpy and a CRC; no
@@ -27,7 +32,10 @@
 //! anything is there, followed by an fsync on the same thread that acknowledges every
 //! caller waiting for it; in `periodic` mode every couple of milliseconds, with an fsync
 //! every `sync_interval_ms` run by a syncer thread while the writer goes on writing, so a
-//! slow fsync does not stop the buffer from draining.
+//! slow fsync does not stop the buffer from draining. A new segment's directory entry is
+//! fsynced by the next sync job (before it reports the bytes it covers durable), never on
+//! the writer's path: a directory fsync took tens of ms on this VM's disk, and while the
+//! writer sat in it, acknowledged appends piled up unwritten (a SIGKILL lost them).
 //! The buffer is bounded (`max_buffer_bytes`); a full buffer refuses appends. Bytes count
 //! against it until they are written to the file. The writer keeps what it wrote until an
 //! fsync covers it (to rewrite it on a fresh file if the fsync fails), and stops taking
@@ -242,7 +250,9 @@ impl Wal {
                 remove_file_logged(&seg.path);
                 continue;
             }
-            replay_file(&seg.path, SEGMENT_MAGIC, &mut report, &mut apply)?;
+            if !replay_segment(seg, &mut report, &mut apply)? {
+                continue;
+            }
             report.segments += 1;
             stats
                 .segment_bytes_on_disk
@@ -286,11 +296,12 @@ impl Wal {
                 .name("playhead-wal-sync".into())
                 .spawn(move || run_syncer(&shared, pending_jobs))?
         };
+        let dir = File::open(&shared.opts.dir)?;
         let writer = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("playhead-wal".into())
-                .spawn(move || Writer::new(shared, jobs, syncer).run())?
+                .spawn(move || Writer::new(shared, dir, jobs, syncer).run())?
         };
         let remover = {
             let shared = Arc::clone(&shared);
@@ -599,7 +610,7 @@ fn resync(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
-/// Replays one file into `apply`; damaged regions are skipped and reported, a damaged tail
+/// Replays a snapshot into `apply`; damaged regions are skipped and reported, a damaged tail
 /// is truncated. Returns an error only when the file cannot be read or repaired.
 fn replay_file(
     path: &Path,
@@ -628,6 +639,65 @@ fn replay_file(
         file.sync_all()?;
     }
     Ok(())
+}
+
+/// Replays one segment file and returns whether it is kept. A file whose header is missing
+/// or damaged is one of two things. If its bytes are no more than the start of a header
+/// (empty included), the writer created it and then died or met a full disk before the
+/// header was written: it holds no record, and it is deleted. Otherwise its intact frames
+/// are replayed like any segment's and it is set aside as `.wal.corrupt`, for inspection:
+/// the remover deletes it with its segment once that is flushed, when every record replayed
+/// from it is in the store. Until then every start replays it again (LWW makes that
+/// harmless), so a crash before that flush loses nothing it held.
+fn replay_segment(
+    seg: &SegmentFile,
+    report: &mut ReplayReport,
+    apply: &mut impl FnMut(&[Record]),
+) -> io::Result<bool> {
+    let buf = fs::read(&seg.path)?;
+    let name = seg.path.display().to_string();
+    let header_ok = buf.len() >= FILE_HEADER_BYTES && &buf[0..8] == SEGMENT_MAGIC;
+    if header_ok && !seg.set_aside {
+        if let Some(at) = scan_frames(&buf, FILE_HEADER_BYTES, &name, report, apply) {
+            let file = OpenOptions::new().write(true).open(&seg.path)?;
+            file.set_len(at as u64)?;
+            file.sync_all()?;
+        }
+        return Ok(true);
+    }
+    let magic_part = buf.len().min(SEGMENT_MAGIC.len());
+    if buf.len() < FILE_HEADER_BYTES && buf[..magic_part] == SEGMENT_MAGIC[..magic_part] {
+        let msg = format!(
+            "{name}: {} bytes, no more than the start of a file header (created, never \
+             written: a crash or a full disk); it holds no record and is deleted",
+            buf.len()
+        );
+        tracing::warn!("{msg}");
+        report.problems.push(msg);
+        report.truncated_bytes += buf.len() as u64;
+        fs::remove_file(&seg.path)?;
+        return Ok(false);
+    }
+    let mut scan = ReplayReport::default();
+    scan_frames(&buf, 0, &name, &mut scan, apply);
+    report.records += scan.records;
+    report.frames += scan.frames;
+    report.corrupt_regions += 1;
+    report.corrupt_bytes += scan.corrupt_bytes + scan.truncated_bytes;
+    let msg = format!(
+        "{name}: missing or bad file header ({} bytes); its {} intact frames are replayed and \
+         the file is kept aside as .corrupt until its segment is flushed",
+        buf.len(),
+        scan.frames
+    );
+    tracing::warn!("{msg}");
+    report.problems.push(msg);
+    if !seg.set_aside {
+        let mut aside = seg.path.as_os_str().to_owned();
+        aside.push(".corrupt");
+        fs::rename(&seg.path, PathBuf::from(aside))?;
+    }
+    Ok(true)
 }
 
 /// Decodes the frames of a commit-log file's bytes from offset `from` (past the file
@@ -689,6 +759,8 @@ struct SegmentFile {
     segment: u64,
     part: u32,
     path: PathBuf,
+    /// A `.wal.corrupt` file: its header was damaged when replay first found it.
+    set_aside: bool,
 }
 
 #[derive(Default)]
@@ -715,13 +787,18 @@ fn list_dir(dir: &Path) -> io::Result<DirListing> {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        if let Some(stem) = name.strip_suffix(".wal") {
+        let segment_stem = name
+            .strip_suffix(".wal")
+            .map(|stem| (stem, false))
+            .or_else(|| name.strip_suffix(".wal.corrupt").map(|stem| (stem, true)));
+        if let Some((stem, set_aside)) = segment_stem {
             if let Some((seg, part)) = stem.split_once('-') {
                 if let (Ok(segment), Ok(part)) = (seg.parse(), part.parse()) {
                     out.segments.push(SegmentFile {
                         segment,
                         part,
                         path,
+                        set_aside,
                     });
                 }
             }
@@ -771,11 +848,25 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     builder.create(dir)
 }
 
-/// An fsync handed to the syncer thread: `files` in order, then every byte below `lsn` is
-/// durable.
+/// An fsync handed to the syncer thread: the log directory (when a file was created since
+/// the last job), then `files` in order; after all of them every byte below `lsn` is
+/// durable. A record is durable only once both its bytes and its file's directory entry
+/// are, so the directory's fsync belongs to the job that covers the new file's first bytes.
 struct SyncJob {
+    dir: Option<Arc<File>>,
     files: Vec<Arc<File>>,
     lsn: Lsn,
+}
+
+impl SyncJob {
+    fn run(&self, shared: &Shared) -> io::Result<()> {
+        if let Some(dir) = &self.dir {
+            timed_sync(shared, || dir.sync_all())?;
+        }
+        self.files
+            .iter()
+            .try_for_each(|f| timed_sync(shared, || f.sync_data()))
+    }
 }
 
 /// What the syncer reports back to the writer (through [`AppendState::sync_done`]).
@@ -789,7 +880,7 @@ struct SyncDone {
 /// sender.
 fn run_syncer(shared: &Shared, jobs: crossbeam::channel::Receiver<SyncJob>) {
     for job in jobs {
-        let result = job.files.iter().try_for_each(|f| timed_sync(shared, f));
+        let result = job.run(shared);
         shared.state.lock().sync_done = Some(SyncDone {
             lsn: job.lsn,
             result,
@@ -798,9 +889,10 @@ fn run_syncer(shared: &Shared, jobs: crossbeam::channel::Receiver<SyncJob>) {
     }
 }
 
-fn timed_sync(shared: &Shared, file: &File) -> io::Result<()> {
+/// Runs one fsync (of a file or of the directory) and records its latency.
+fn timed_sync(shared: &Shared, sync: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
     let started = Instant::now();
-    file.sync_data()?;
+    sync()?;
     let elapsed = started.elapsed();
     let stats = &shared.stats;
     stats.fsyncs.fetch_add(1, Ordering::Relaxed);
@@ -811,10 +903,25 @@ fn timed_sync(shared: &Shared, file: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// The segment file the writer appends to.
+struct OpenFile {
+    segment: u64,
+    path: PathBuf,
+    file: Arc<File>,
+    /// Chunks written to it in full. A file that failed before holding one holds no record
+    /// (only its header, perhaps a partial frame of chunks that are rewritten elsewhere),
+    /// so a write error deletes it instead of leaving it behind.
+    chunks: u64,
+}
+
 /// The writer thread's own state: the open file and what it has made durable.
 struct Writer {
     shared: Arc<Shared>,
-    file: Option<(u64, Arc<File>)>,
+    file: Option<OpenFile>,
+    /// The log directory, fsynced by the next sync job after a file is created in it.
+    dir: Arc<File>,
+    /// A file was created since the last sync job: that job fsyncs the directory too.
+    dir_unsynced: bool,
     /// Files the writer moved on from whose last bytes no fsync has covered yet.
     unsynced_files: Vec<Arc<File>>,
     /// Written chunks no finished fsync covers yet, in order: rewritten on a fresh file if
@@ -836,12 +943,15 @@ struct Writer {
 impl Writer {
     fn new(
         shared: Arc<Shared>,
+        dir: File,
         jobs: crossbeam::channel::Sender<SyncJob>,
         syncer: JoinHandle<()>,
     ) -> Self {
         Self {
             shared,
             file: None,
+            dir: Arc::new(dir),
+            dir_unsynced: false,
             unsynced_files: Vec::new(),
             unsynced: VecDeque::new(),
             unsynced_bytes: 0,
@@ -959,10 +1069,7 @@ impl Writer {
                 // pair of 20 s runs: p99 82 ms and 3.9 M/s against 32 ms and 5.1 M/s).
                 let job = self.sync_job();
                 self.syncing = Some(job.lsn);
-                let result = job
-                    .files
-                    .iter()
-                    .try_for_each(|f| timed_sync(&self.shared, f));
+                let result = job.run(&self.shared);
                 if let Err(e) = self.sync_finished(SyncDone {
                     lsn: job.lsn,
                     result,
@@ -1003,14 +1110,15 @@ impl Writer {
 
     fn write_chunk(&mut self, chunk: &Chunk) -> io::Result<()> {
         let needs_new = match &self.file {
-            Some((segment, _)) => *segment != chunk.segment,
+            Some(open) => open.segment != chunk.segment,
             None => true,
         };
         if needs_new {
             self.open_segment(chunk.segment)?;
         }
-        let (_, file) = self.file.as_ref().expect("opened above");
-        (&**file).write_all(&chunk.bytes)?;
+        let open = self.file.as_mut().expect("opened above");
+        (&*open.file).write_all(&chunk.bytes)?;
+        open.chunks += 1;
         self.written_lsn = chunk.end_lsn;
         let stats = &self.shared.stats;
         stats
@@ -1022,10 +1130,15 @@ impl Writer {
         Ok(())
     }
 
+    /// Creates the file for `segment` and writes its header. Its directory entry is
+    /// fsynced by the next sync job (with the data that makes its records durable), not
+    /// here: a directory fsync takes tens of ms on this VM's disk, and the writer must keep
+    /// draining the buffer meanwhile. If the header cannot be written (disk full), the file
+    /// is deleted again, so a writer retrying on a full disk does not leave a file per try.
     fn open_segment(&mut self, segment: u64) -> io::Result<()> {
-        if let Some((_, old)) = self.file.take() {
+        if let Some(old) = self.file.take() {
             // Its last bytes become durable with the next fsync, which covers it first.
-            self.unsynced_files.push(old);
+            self.unsynced_files.push(old.file);
         }
         let path = self
             .shared
@@ -1036,26 +1149,68 @@ impl Writer {
             .create_new(true)
             .append(true)
             .open(&path)?;
-        write_file_header(&mut file, SEGMENT_MAGIC, segment)?;
-        sync_dir(&self.shared.opts.dir)?;
+        self.dir_unsynced = true;
+        let mut header = Vec::with_capacity(FILE_HEADER_BYTES);
+        write_file_header(&mut header, SEGMENT_MAGIC, segment)?;
+        if let Err(e) = file.write_all(&header) {
+            drop(file);
+            self.discard(&path);
+            return Err(e);
+        }
         let stats = &self.shared.stats;
         stats.segments_on_disk.fetch_add(1, Ordering::Relaxed);
         stats
             .segment_bytes_on_disk
             .fetch_add(FILE_HEADER_BYTES as u64, Ordering::Relaxed);
-        self.file = Some((segment, Arc::new(file)));
+        self.file = Some(OpenFile {
+            segment,
+            path,
+            file: Arc::new(file),
+            chunks: 0,
+        });
         self.shared.open_segment.store(segment, Ordering::Release);
         Ok(())
+    }
+
+    /// Deletes the open file that holds no record yet (its header only, perhaps part of a
+    /// chunk that is rewritten elsewhere).
+    fn discard_unwritten(&mut self, open: OpenFile) {
+        debug_assert_eq!(open.chunks, 0);
+        drop(open.file);
+        self.discard(&open.path);
+        let stats = &self.shared.stats;
+        let _ = stats
+            .segments_on_disk
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(1))
+            });
+        let _ =
+            stats
+                .segment_bytes_on_disk
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(FILE_HEADER_BYTES as u64))
+                });
+    }
+
+    /// Deletes a file that holds no record; if that fails, the part number moves on so the
+    /// next file does not collide with it.
+    fn discard(&mut self, path: &Path) {
+        if let Err(e) = fs::remove_file(path) {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove an unwritten commit-log file");
+            self.next_part += 1;
+        }
     }
 
     /// An fsync of everything written so far.
     fn sync_job(&mut self) -> SyncJob {
         let mut files = std::mem::take(&mut self.unsynced_files);
-        if let Some((_, file)) = &self.file {
-            files.push(Arc::clone(file));
+        if let Some(open) = &self.file {
+            files.push(Arc::clone(&open.file));
         }
+        let dir = std::mem::take(&mut self.dir_unsynced).then(|| Arc::clone(&self.dir));
         self.last_sync = Instant::now();
         SyncJob {
+            dir,
             files,
             lsn: self.written_lsn,
         }
@@ -1118,10 +1273,22 @@ impl Writer {
             .fetch_add(1, Ordering::Relaxed);
         let reason = format!("{e} (in {})", self.shared.opts.dir.display());
         tracing::error!(error = %reason, "commit-log write failed; refusing appends until the disk recovers");
-        self.file = None;
+        // Files left behind keep their names, so the rewrite needs a new part number; a file
+        // that holds no record is deleted instead, and its name reused, so a writer retrying
+        // on a full disk every `RETRY_AFTER_ERROR` does not leave a file per try.
+        let mut new_part = !self.unsynced_files.is_empty();
         self.unsynced_files.clear();
+        if let Some(open) = self.file.take() {
+            if open.chunks == 0 {
+                self.discard_unwritten(open);
+            } else {
+                new_part = true;
+            }
+        }
+        if new_part {
+            self.next_part += 1;
+        }
         self.shared.open_segment.store(0, Ordering::Release);
-        self.next_part += 1;
         self.written_lsn = self.synced_lsn;
         let mut st = self.shared.state.lock();
         st.pending_bytes += self.unsynced_bytes;
@@ -1387,11 +1554,80 @@ mod tests {
         fs::write(dir.path().join(segment_name(3, 0)), b"not a wal").unwrap();
         let (seen, report) = reopen(dir.path());
         assert!(seen.is_empty());
-        assert_eq!(report.problems.len(), 1);
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
         assert!(dir
             .path()
             .join("00000000000000000003-0000.wal.corrupt")
             .exists());
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Files that hold no record (empty, or a torn header: what a crash or a full disk
+    /// between creating a file and writing its header leaves, and what older versions set
+    /// aside by the thousand) are deleted at start. A file with a damaged header is kept
+    /// aside as `.corrupt`, its intact frames replayed at every start, until its segment is
+    /// flushed; then the remover deletes it.
+    #[test]
+    fn unwritten_files_go_at_start_and_set_aside_files_once_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::write(d.join(segment_name(3, 0)), b"").unwrap();
+        fs::write(d.join(segment_name(4, 0)), &SEGMENT_MAGIC[..5]).unwrap();
+        let mut header = Vec::new();
+        write_file_header(&mut header, SEGMENT_MAGIC, 4).unwrap();
+        fs::write(d.join(segment_name(4, 1)), &header[..12]).unwrap();
+        fs::write(d.join("00000000000000000005-0000.wal.corrupt"), b"").unwrap();
+        // Segment 6: a damaged header, then two intact frames.
+        let mut damaged = b"garbage!garbage!".to_vec();
+        encode_frame(&mut damaged, &recs(10, 6));
+        encode_frame(&mut damaged, &recs(5, 7));
+        fs::write(d.join(segment_name(6, 0)), &damaged).unwrap();
+        fs::write(d.join(segment_name(7, 0)), b"not a wal").unwrap();
+
+        let (seen, report) = reopen(d);
+        let mut expected = recs(10, 6);
+        expected.extend(recs(5, 7));
+        assert_eq!(seen, expected, "{:?}", report.problems);
+        assert_eq!(report.problems.len(), 6, "{:?}", report.problems);
+        assert_eq!(
+            names(d),
+            [
+                "00000000000000000006-0000.wal.corrupt",
+                "00000000000000000007-0000.wal.corrupt"
+            ]
+        );
+        // Kept aside, replayed again at the next start (no flush covered it yet).
+        let (again, _) = reopen(d);
+        assert_eq!(again, expected);
+
+        let (wal, _) = Wal::open(opts(d, SyncMode::Periodic), |_| {}).unwrap();
+        assert!(
+            wal.rotate() > 7,
+            "new segments number past the set-aside ones"
+        );
+        wal.mark_flushed(6);
+        wait_until("segment 6 removed", || names(d).len() == 1);
+        assert_eq!(names(d), ["00000000000000000007-0000.wal.corrupt"]);
+        wal.mark_flushed(7);
+        wait_until("segment 7 removed", || names(d).is_empty());
+        assert_eq!(wal.stats().segments_on_disk.load(Ordering::Relaxed), 0);
+        wal.close();
     }
 
     #[test]

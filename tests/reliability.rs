@@ -520,20 +520,32 @@ fn kill9_mid_snapshot_loses_no_acknowledged_heartbeat() {
 /// acknowledgement arrived. A SIGKILL keeps the page cache, so what is lost is what the
 /// writer had not yet handed to write(2) (it drains every 2 ms); `sync_interval_ms` bounds
 /// the loss on a power cut, which no test here can cause.
+///
+/// 64 KiB segments make the log rotate every few batches, so a kill often lands while a
+/// new segment's directory entry is being fsynced: that fsync must not stop the writer
+/// (when it ran on the writer's thread, appends kept being acknowledged into the buffer
+/// for as long as it took, tens of ms on this VM's disk).
 #[test]
 fn periodic_mode_loss_window_is_bounded() {
     const SYNC_INTERVAL_MS: u64 = 10;
+    const KILLS: usize = 6;
+    /// The interval, the 2 ms write cadence, and room for scheduling noise on a shared
+    /// 2-core machine (a debug build; the writer thread was seen waiting up to ~25 ms on
+    /// the run queue). With the directory fsync on the writer's thread the worst kill of a
+    /// run lost 59–263 ms of acknowledgements; without it, 0–16 ms.
+    const BOUND_MS: u64 = SYNC_INTERVAL_MS + 15;
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let overrides = [
         o("WAL__SYNC_MODE", "periodic"),
         o("WAL__SYNC_INTERVAL_MS", SYNC_INTERVAL_MS),
+        o("WAL__SEGMENT_BYTES", 65_536),
     ];
     let w = Arc::new(Workload::new(4, 2_000, 256, 4_000_000));
     let mut states = w.fresh_states();
     let mut rng = rand::rng();
     let (mut windows_ms, mut lost_records, mut acked) = (Vec::new(), 0u64, 0u64);
-    for _ in 0..3 {
+    for _ in 0..KILLS {
         let before: u64 = states.iter().map(|s| s.acked_records).sum();
         let out = kill_round(
             &rt,
@@ -573,15 +585,14 @@ fn periodic_mode_loss_window_is_bounded() {
             newest_ack.saturating_duration_since(at)
         });
         windows_ms.push(window.as_secs_f64() * 1e3);
-        // Generous for a shared 2-core machine: the interval, plus the fsync the writer may
-        // be blocked in meanwhile (it writes and syncs on one thread), plus scheduling noise.
-        assert!(
-            window <= Duration::from_millis(SYNC_INTERVAL_MS + 990),
-            "acknowledged heartbeats lost over the last {window:?} of acknowledgements"
-        );
     }
     println!(
-        "RESULT periodic_loss_window: sync_interval_ms={SYNC_INTERVAL_MS} kills=3 acked_records={acked} lost_acked_records={lost_records} loss_window_ms={windows_ms:.1?}"
+        "RESULT periodic_loss_window: sync_interval_ms={SYNC_INTERVAL_MS} segment_bytes=65536 kills={KILLS} acked_records={acked} lost_acked_records={lost_records} loss_window_ms={windows_ms:.1?} bound_ms={BOUND_MS}"
+    );
+    let worst = windows_ms.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        worst <= BOUND_MS as f64,
+        "acknowledged heartbeats lost over up to {worst:.1} ms of acknowledgements (bound {BOUND_MS} ms): {windows_ms:.1?}"
     );
 }
 
@@ -1673,5 +1684,185 @@ fn graceful_shutdown_finishes_in_flight_work_and_exits_zero() {
         "RESULT graceful_shutdown: exit=0 took_ms={} binary_acks_checked={checked} http_posters_newest={newest_http:?} in_flight_request=204 records_left_in_log={} (none newer than the store) lost=0",
         took.as_millis(),
         left.len()
+    );
+}
+
+/// A tmpfs of `size_kib` mounted on a fresh temp dir (owner-only), unmounted on drop.
+struct SmallTmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallTmpfs {
+    /// `Err` with the reason where mounting is not allowed (not root, no CAP_SYS_ADMIN).
+    fn mount(size_kib: u64) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size_kib}k,mode=0700"))
+            .arg("tmpfs")
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Self { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+/// Names in `dir` and how many of them are empty.
+fn files_in(dir: &Path) -> (Vec<String>, usize) {
+    let mut names = Vec::new();
+    let mut empty = 0;
+    for e in std::fs::read_dir(dir).unwrap().map(Result::unwrap) {
+        if e.metadata().map(|m| m.len() == 0).unwrap_or(false) {
+            empty += 1;
+        }
+        names.push(e.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    (names, empty)
+}
+
+/// The commit log on a real, small filesystem (a 1 MiB tmpfs; needs root, skipped with the
+/// reason elsewhere) that fills up while appends run: appends are refused while it is full,
+/// the writer retries every 200 ms without leaving a file per try, it recovers by itself once
+/// space is freed, nothing accepted is lost, and the next start finds nothing to set aside.
+#[test]
+fn a_full_log_disk_leaves_no_file_per_retry_and_nothing_set_aside() {
+    use playhead::model::{Record, Value};
+    use playhead::wal::{Wal, WalError, WalOptions};
+    let fs = match SmallTmpfs::mount(1024) {
+        Ok(fs) => fs,
+        Err(why) => {
+            println!("RESULT full_log_disk: SKIPPED: cannot mount a small tmpfs here: {why}");
+            return;
+        }
+    };
+    let wal_dir = fs.path().join("wal");
+    let filler = fs.path().join("filler");
+    std::fs::write(&filler, vec![7u8; 256 << 10]).unwrap();
+    let opts = || WalOptions {
+        dir: wal_dir.clone(),
+        sync_mode: playhead::config::SyncMode::Periodic,
+        sync_interval_ms: 10,
+        segment_bytes: 65_536,
+        max_buffer_bytes: 256 << 10,
+    };
+    let (wal, _) = Wal::open(opts(), |_| {}).unwrap();
+    let title = playhead::catalog::title_id_of(MOVIE);
+    let ts = now_ms() - 60_000;
+    let batch = |n: u64| -> Vec<Record> {
+        (0..100)
+            .map(|i| {
+                let k = n * 100 + i;
+                Record::new(
+                    Key::new(8_000_000 + k, 1, title),
+                    Value::new((k % 7_000) as u32, ts, 1),
+                )
+            })
+            .collect()
+    };
+    let mut accepted = Vec::new();
+    let mut n = 0;
+    let append = |wal: &Wal, n: &mut u64, accepted: &mut Vec<Record>| {
+        let records = batch(*n);
+        *n += 1;
+        match wal.append(&records) {
+            Ok(_) => {
+                accepted.extend(records);
+                true
+            }
+            Err(WalError::BufferFull(_)) => {
+                std::thread::sleep(Duration::from_millis(5));
+                true
+            }
+            Err(WalError::Unavailable(_)) => false,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    // Fill the disk: appends are refused once the writer fails.
+    let started = Instant::now();
+    while append(&wal, &mut n, &mut accepted) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the log never filled the 1 MiB disk"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (at_failure, _) = files_in(&wal_dir);
+    // Ten retries while the disk stays full.
+    let spell = Instant::now();
+    let mut most_files = at_failure.len();
+    let mut empty_seen = 0;
+    while spell.elapsed() < Duration::from_secs(2) {
+        assert!(!append(&wal, &mut n, &mut accepted), "accepted while full");
+        let (names, empty) = files_in(&wal_dir);
+        most_files = most_files.max(names.len());
+        empty_seen = empty_seen.max(empty);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (after_spell, empty_after) = files_in(&wal_dir);
+    assert!(
+        after_spell.len() <= at_failure.len() + 1 && empty_after <= 1,
+        "files piled up during the full spell: {} at the failure, {} after 2 s ({empty_after} empty): {after_spell:?}",
+        at_failure.len(),
+        after_spell.len()
+    );
+    let errors_during_spell = wal
+        .stats()
+        .write_errors
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(errors_during_spell >= 5, "the writer kept retrying");
+    // Space comes back: the log recovers by itself.
+    std::fs::remove_file(&filler).unwrap();
+    let freed = Instant::now();
+    while !append(&wal, &mut n, &mut accepted) {
+        assert!(freed.elapsed() < Duration::from_secs(5), "did not recover");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let recovered_in = freed.elapsed();
+    for _ in 0..10 {
+        append(&wal, &mut n, &mut accepted);
+    }
+    wal.close();
+    // The next start replays every accepted record and has nothing to set aside.
+    let mut seen = std::collections::HashSet::new();
+    let (wal, report) = Wal::open(opts(), |rs| seen.extend(rs.iter().map(|r| r.key))).unwrap();
+    wal.close();
+    let missing = accepted.iter().filter(|r| !seen.contains(&r.key)).count();
+    assert_eq!(missing, 0, "accepted records not replayed");
+    let (final_names, _) = files_in(&wal_dir);
+    let aside: Vec<_> = final_names
+        .iter()
+        .filter(|n| n.ends_with(".corrupt"))
+        .collect();
+    assert!(
+        aside.is_empty() && report.problems.iter().all(|p| !p.contains("header")),
+        "set aside: {aside:?}; problems: {:?}",
+        report.problems
+    );
+    println!(
+        "RESULT full_log_disk: files at the failure {} / most during a 2 s full spell {most_files} (empty seen {empty_seen}); write errors {errors_during_spell}; recovered {} ms after space was freed; {} accepted records all replayed; files after restart {}, set aside 0; replay problems {:?}",
+        at_failure.len(),
+        recovered_in.as_millis(),
+        accepted.len(),
+        final_names.len(),
+        report.problems
     );
 }
