@@ -232,6 +232,18 @@ pub fn varint_to_u64(v: &CqlVarint) -> Option<u64> {
     Some(u64::from_be_bytes(buf))
 }
 
+/// The datacenter the driver routes requests to: `local_datacenter`, except with a
+/// SimpleStrategy keyspace, which places replicas without regard to datacenters (one-DC
+/// development and test clusters): the driver warns on every request that combines it with
+/// a DC preference (`Combining SimpleStrategy with DC preference …`), and the preference
+/// buys nothing there.
+pub fn preferred_datacenter(c: &CassandraStoreConfig) -> Option<&str> {
+    match c.replication {
+        ReplicationStrategy::SimpleStrategy => None,
+        ReplicationStrategy::NetworkTopologyStrategy => Some(&c.local_datacenter),
+    }
+}
+
 fn consistency(level: ConsistencyLevel) -> Consistency {
     match level {
         ConsistencyLevel::Any => Consistency::Any,
@@ -418,11 +430,13 @@ impl CassandraStore {
     /// does not exist (run `playhead schema` and apply it, or set create_schema).
     pub async fn connect(config: &Config) -> Result<Self, StoreError> {
         let c = &config.store.cassandra;
-        let policy = DefaultPolicy::builder()
-            .prefer_datacenter(c.local_datacenter.clone())
+        let mut policy = DefaultPolicy::builder()
             .token_aware(true)
-            .permit_dc_failover(false)
-            .build();
+            .permit_dc_failover(false);
+        if let Some(dc) = preferred_datacenter(c) {
+            policy = policy.prefer_datacenter(dc.to_string());
+        }
+        let policy = policy.build();
         let profile = ExecutionProfile::builder()
             .consistency(consistency(c.read_consistency))
             .request_timeout(Some(Duration::from_millis(c.request_timeout_ms)))
@@ -1043,6 +1057,15 @@ mod tests {
         ] {
             assert!(out.contains(line), "missing {line:?} in\n{out}");
         }
+    }
+
+    #[test]
+    fn requests_prefer_the_local_datacenter_unless_the_keyspace_ignores_datacenters() {
+        let mut c = config();
+        c.local_datacenter = "eu".into();
+        assert_eq!(preferred_datacenter(&c), Some("eu"));
+        c.replication = ReplicationStrategy::SimpleStrategy;
+        assert_eq!(preferred_datacenter(&c), None);
     }
 
     #[test]
