@@ -27,17 +27,21 @@
 //! partition), at most `max_in_flight` requests at once for the whole store.
 //!
 //! ## Failure
-//! Every request passes a [`CircuitBreaker`]: when the cluster keeps failing, requests fail
-//! at once (reads degrade, flushes keep their data in memory and the commit log and retry)
-//! and one probe at a time checks for recovery.
+//! Every request passes a [`CircuitBreaker`], one for writes and one for reads, so slow or
+//! failing reads cannot stop flushes and a write backlog cannot degrade reads. When the
+//! cluster keeps failing, requests fail at once (reads degrade, flushes keep their data in
+//! memory and the commit log and retry) and one probe at a time checks for recovery; the
+//! probe runs in a task of its own, so a caller that gives up cannot cancel it
+//! ([`breaker::run`]). A request its caller stopped waiting for is counted as cancelled,
+//! not as a failure.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::stream::{self, TryStreamExt};
+use futures::stream::{self, StreamExt};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -51,7 +55,7 @@ use scylla::statement::Consistency;
 use scylla::value::CqlVarint;
 use tokio::sync::Semaphore;
 
-use super::breaker::{BreakerState, CircuitBreaker};
+use super::breaker::{self, BreakerState, CircuitBreaker};
 use super::{Store, StoreError, TitleEntry};
 use crate::config::{CassandraStoreConfig, Config, ConsistencyLevel, ReplicationStrategy};
 use crate::metrics::{self, Histogram};
@@ -228,6 +232,18 @@ pub fn varint_to_u64(v: &CqlVarint) -> Option<u64> {
     Some(u64::from_be_bytes(buf))
 }
 
+/// The datacenter the driver routes requests to: `local_datacenter`, except with a
+/// SimpleStrategy keyspace, which places replicas without regard to datacenters (one-DC
+/// development and test clusters): the driver warns on every request that combines it with
+/// a DC preference (`Combining SimpleStrategy with DC preference …`), and the preference
+/// buys nothing there.
+pub fn preferred_datacenter(c: &CassandraStoreConfig) -> Option<&str> {
+    match c.replication {
+        ReplicationStrategy::SimpleStrategy => None,
+        ReplicationStrategy::NetworkTopologyStrategy => Some(&c.local_datacenter),
+    }
+}
+
 fn consistency(level: ConsistencyLevel) -> Consistency {
     match level {
         ConsistencyLevel::Any => Consistency::Any,
@@ -278,12 +294,46 @@ pub struct CassandraMetrics {
     errors: [AtomicU64; 3],
     timeouts: [AtomicU64; 3],
     rows_written: AtomicU64,
-    /// Requests refused by the open breaker without being sent.
-    breaker_refused: AtomicU64,
+    /// Requests whose caller stopped waiting before the answer (a read past the engine's
+    /// budget, the rest of a flush batch after a failure); neither success nor failure.
+    cancelled: [AtomicU64; 3],
+    /// Requests refused by an open breaker without being sent, by breaker.
+    breaker_refused: [AtomicU64; 2],
     in_flight: AtomicI64,
     latency: [Histogram; 3],
     /// Attempts the driver retried (its retry policy), counted by the history listener.
     driver_retries: Arc<AtomicU64>,
+}
+
+/// The two breakers: writes (flushes) and reads (resume, continue-watching) are judged
+/// apart. The `breaker` label of the metrics.
+const BREAKERS: [&str; 2] = ["write", "read"];
+
+impl Op {
+    /// Index into [`BREAKERS`].
+    fn breaker(self) -> usize {
+        match self {
+            Op::Write => 0,
+            Op::Get | Op::List => 1,
+        }
+    }
+}
+
+/// Counts one request as cancelled unless disarmed: dropped with the caller's future.
+struct CancelGuard<'a>(Option<&'a AtomicU64>);
+
+impl CancelGuard<'_> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(counter) = self.0 {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// One request counted in the in-flight gauge for as long as it lives.
@@ -363,8 +413,9 @@ struct Inner {
     max_batch_rows: usize,
     max_in_flight: usize,
     /// Bounds requests outstanding across every concurrent caller (flush tasks, reads).
-    in_flight: Semaphore,
-    breaker: CircuitBreaker,
+    in_flight: Arc<Semaphore>,
+    /// Indexed by [`Op::breaker`]: writes, reads.
+    breakers: [Arc<CircuitBreaker>; 2],
     metrics: CassandraMetrics,
     history: Arc<RetryCounter>,
 }
@@ -379,11 +430,13 @@ impl CassandraStore {
     /// does not exist (run `playhead schema` and apply it, or set create_schema).
     pub async fn connect(config: &Config) -> Result<Self, StoreError> {
         let c = &config.store.cassandra;
-        let policy = DefaultPolicy::builder()
-            .prefer_datacenter(c.local_datacenter.clone())
+        let mut policy = DefaultPolicy::builder()
             .token_aware(true)
-            .permit_dc_failover(false)
-            .build();
+            .permit_dc_failover(false);
+        if let Some(dc) = preferred_datacenter(c) {
+            policy = policy.prefer_datacenter(dc.to_string());
+        }
+        let policy = policy.build();
         let profile = ExecutionProfile::builder()
             .consistency(consistency(c.read_consistency))
             .request_timeout(Some(Duration::from_millis(c.request_timeout_ms)))
@@ -449,20 +502,25 @@ impl CassandraStore {
                 ttl: ttl_for_cql(config.cassandra_ttl_seconds()),
                 max_batch_rows: c.max_batch_rows,
                 max_in_flight: c.max_in_flight,
-                in_flight: Semaphore::new(c.max_in_flight),
-                breaker: CircuitBreaker::new(
-                    c.breaker_failure_threshold,
-                    Duration::from_millis(c.breaker_open_ms),
-                ),
+                in_flight: Arc::new(Semaphore::new(c.max_in_flight)),
+                breakers: [(); 2].map(|()| {
+                    CircuitBreaker::new(
+                        c.breaker_failure_threshold,
+                        Duration::from_millis(c.breaker_open_ms),
+                    )
+                }),
                 metrics,
                 history,
             }),
         })
     }
 
-    /// The breaker's current state.
-    pub fn breaker_state(&self) -> BreakerState {
-        self.inner.breaker.state()
+    /// The write breaker's and the read breaker's current states.
+    pub fn breaker_states(&self) -> (BreakerState, BreakerState) {
+        (
+            self.inner.breakers[0].state(),
+            self.inner.breakers[1].state(),
+        )
     }
 }
 
@@ -481,59 +539,67 @@ impl Inner {
         )
     }
 
-    /// Runs one request through the in-flight bound, the breaker and the metrics.
-    async fn request<T>(
-        &self,
-        op: Op,
-        run: impl std::future::Future<Output = Result<T, ExecutionError>>,
-    ) -> Result<T, StoreError> {
+    /// Runs one request through the in-flight bound, its breaker and the metrics. `run`
+    /// owns what it needs (`'static`) because a half-open probe runs as a task of its own
+    /// and finishes even when this call is dropped.
+    async fn request<T, F>(self: &Arc<Self>, op: Op, run: F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, ExecutionError>> + Send + 'static,
+        T: Send + 'static,
+    {
         let m = &self.metrics;
-        let _permit = self
-            .in_flight
-            .acquire()
+        let permit = Arc::clone(&self.in_flight)
+            .acquire_owned()
             .await
             .map_err(|e| unavailable("in-flight limit", e))?;
-        let ticket = self.breaker.admit(Instant::now()).map_err(|refused| {
-            m.breaker_refused.fetch_add(1, Ordering::Relaxed);
-            StoreError::Unavailable(format!("cassandra: {refused}"))
+        let which = op.breaker();
+        let ticket = self.breakers[which].acquire().await.map_err(|refused| {
+            m.breaker_refused[which].fetch_add(1, Ordering::Relaxed);
+            StoreError::Unavailable(format!("cassandra: {} {refused}", BREAKERS[which]))
         })?;
         m.requests[op as usize].fetch_add(1, Ordering::Relaxed);
-        let started = Instant::now();
-        let result = {
-            // Decrements on drop too: a read the engine stops waiting for is cancelled here.
-            let _in_flight = InFlight::enter(&m.in_flight);
-            run.await
-        };
-        m.latency[op as usize].observe(started.elapsed());
-        match result {
-            Ok(value) => {
-                ticket.success();
-                Ok(value)
-            }
-            Err(e) => {
-                ticket.failure(Instant::now());
+        let inner = Arc::clone(self);
+        let measured = async move {
+            let _permit = permit;
+            let m = &inner.metrics;
+            let started = Instant::now();
+            let result = {
+                // Decrements on drop too: a read the engine stops waiting for ends here.
+                let _in_flight = InFlight::enter(&m.in_flight);
+                run.await
+            };
+            m.latency[op as usize].observe(started.elapsed());
+            if let Err(e) = &result {
                 m.errors[op as usize].fetch_add(1, Ordering::Relaxed);
-                Err(match e {
-                    ExecutionError::RequestTimeout(d) => {
-                        m.timeouts[op as usize].fetch_add(1, Ordering::Relaxed);
-                        StoreError::Timeout(d.as_millis() as u64)
-                    }
-                    e => unavailable(OPS[op as usize], e),
-                })
+                if matches!(e, ExecutionError::RequestTimeout(_)) {
+                    m.timeouts[op as usize].fetch_add(1, Ordering::Relaxed);
+                }
             }
+            result
+        };
+        let cancelled = CancelGuard(Some(&m.cancelled[op as usize]));
+        let result = breaker::run(ticket, measured).await;
+        cancelled.disarm();
+        match result {
+            Some(Ok(value)) => Ok(value),
+            Some(Err(ExecutionError::RequestTimeout(d))) => {
+                Err(StoreError::Timeout(d.as_millis() as u64))
+            }
+            Some(Err(e)) => Err(unavailable(OPS[op as usize], e)),
+            None => Err(unavailable(OPS[op as usize], "runtime shutting down")),
         }
     }
 
     /// Writes one partition's rows: a plain statement for one row, an UNLOGGED batch for
     /// more (one partition, so one replica set applies it atomically and cheaply).
-    async fn write_partition(&self, rows: &[Record]) -> Result<(), StoreError> {
+    async fn write_partition(self: &Arc<Self>, rows: &[Record]) -> Result<(), StoreError> {
         debug_assert!(!rows.is_empty() && rows.len() <= self.max_batch_rows);
+        let inner = Arc::clone(self);
         if let [row] = rows {
             let values = self.upsert_row(row);
-            self.request(
-                Op::Write,
-                self.session.execute_unpaged(&self.upsert, values),
-            )
+            self.request(Op::Write, async move {
+                inner.session.execute_unpaged(&inner.upsert, values).await
+            })
             .await?;
         } else {
             let mut batch = Batch::new_with_statements(
@@ -544,8 +610,10 @@ impl Inner {
             batch.set_is_idempotent(true);
             batch.set_history_listener(Arc::clone(&self.history) as Arc<dyn HistoryListener>);
             let values: Vec<UpsertRow> = rows.iter().map(|r| self.upsert_row(r)).collect();
-            self.request(Op::Write, self.session.batch(&batch, values))
-                .await?;
+            self.request(Op::Write, async move {
+                inner.session.batch(&batch, values).await
+            })
+            .await?;
         }
         self.metrics
             .rows_written
@@ -554,34 +622,67 @@ impl Inner {
     }
 }
 
+/// One partition of a [`Store::write_batch`]: skipped once another partition of the batch
+/// failed (the batch is retried whole anyway), else written to its answer.
+async fn write_unless_failed(
+    inner: Arc<Inner>,
+    rows: Vec<Record>,
+    failed: Arc<AtomicBool>,
+) -> Result<(), StoreError> {
+    if failed.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let result = inner.write_partition(&rows).await;
+    if result.is_err() {
+        failed.store(true, Ordering::Relaxed);
+    }
+    result
+}
+
 #[async_trait]
 impl Store for CassandraStore {
     fn name(&self) -> &'static str {
         "cassandra"
     }
 
-    /// Partitions are written concurrently; the first failure ends the call (the flusher
-    /// retries the whole batch, which is harmless: every write carries its own timestamp).
+    /// Partitions are written concurrently. After the first failure no new request starts,
+    /// but those in flight run to their answer (never dropped midway: a dropped request
+    /// tells nobody anything, and a dropped probe would leave the breaker undecided); the
+    /// call returns the first error and the flusher retries the whole batch, which is
+    /// harmless: every write carries its own timestamp.
     async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
-        let inner = &*self.inner;
+        let inner = &self.inner;
         let groups = group_by_partition(records, inner.max_batch_rows);
-        stream::iter(groups.iter().map(Ok))
-            .try_for_each_concurrent(inner.max_in_flight, |rows| inner.write_partition(rows))
-            .await
+        let failed = Arc::new(AtomicBool::new(false));
+        let writes: Vec<_> = groups
+            .into_iter()
+            .map(|rows| write_unless_failed(Arc::clone(inner), rows, Arc::clone(&failed)))
+            .collect();
+        let mut answers = stream::iter(writes).buffer_unordered(inner.max_in_flight);
+        let mut first_error = None;
+        while let Some(answer) = answers.next().await {
+            if let Err(e) = answer {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     async fn get(&self, key: Key) -> Result<Option<Value>, StoreError> {
-        let inner = &*self.inner;
+        let inner = Arc::clone(&self.inner);
         let values = (
             id_to_bigint(key.account_id),
             id_to_bigint(key.profile_id),
             u64_to_varint(key.title_id),
         );
-        let result = inner
-            .request(Op::Get, inner.session.execute_unpaged(&inner.get, values))
+        let result = self
+            .inner
+            .request(Op::Get, async move {
+                inner.session.execute_unpaged(&inner.get, values).await
+            })
             .await?;
         let rows = result
             .into_rows_result()
@@ -610,14 +711,17 @@ impl Store for CassandraStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let inner = &*self.inner;
+        let inner = Arc::clone(&self.inner);
         let values = (
             id_to_bigint(account_id),
             id_to_bigint(profile_id),
             i32::try_from(limit).unwrap_or(i32::MAX),
         );
-        let result = inner
-            .request(Op::List, inner.session.execute_unpaged(&inner.list, values))
+        let result = self
+            .inner
+            .request(Op::List, async move {
+                inner.session.execute_unpaged(&inner.list, values).await
+            })
             .await?;
         let rows = result
             .into_rows_result()
@@ -656,12 +760,12 @@ impl Store for CassandraStore {
     }
 
     fn render_metrics(&self, out: &mut String) {
-        render_metrics(&self.inner.metrics, &self.inner.breaker, out);
+        render_metrics(&self.inner.metrics, &self.inner.breakers, out);
     }
 }
 
 /// Appends the `playhead_cassandra_*` metrics (docs/cassandra.md) to `out`.
-fn render_metrics(m: &CassandraMetrics, breaker: &CircuitBreaker, out: &mut String) {
+fn render_metrics(m: &CassandraMetrics, breakers: &[Arc<CircuitBreaker>; 2], out: &mut String) {
     use metrics::{header, load, sample, single};
     for (name, help, counters) in [
         (
@@ -678,6 +782,11 @@ fn render_metrics(m: &CassandraMetrics, breaker: &CircuitBreaker, out: &mut Stri
             "playhead_cassandra_timeouts_total",
             "Requests that hit store.cassandra.request_timeout_ms, by operation.",
             &m.timeouts,
+        ),
+        (
+            "playhead_cassandra_cancelled_total",
+            "Requests whose caller stopped waiting before the answer (not failures), by operation.",
+            &m.cancelled,
         ),
     ] {
         header(out, name, "counter", help);
@@ -706,26 +815,40 @@ fn render_metrics(m: &CassandraMetrics, breaker: &CircuitBreaker, out: &mut Stri
         "Requests outstanding now.",
         m.in_flight.load(Ordering::Relaxed).max(0),
     );
-    single(
+    let per_breaker =
+        |out: &mut String, name: &str, kind: &str, help: &str, value: &dyn Fn(usize) -> u64| {
+            header(out, name, kind, help);
+            for (i, which) in BREAKERS.iter().enumerate() {
+                sample(out, name, &format!("breaker=\"{which}\""), value(i));
+            }
+        };
+    per_breaker(
         out,
         "playhead_cassandra_breaker_state",
         "gauge",
-        "Circuit breaker: 0 closed, 1 open, 2 half-open.",
-        breaker.state().as_gauge(),
+        "Circuit breaker of writes / of reads: 0 closed, 1 open, 2 half-open.",
+        &|i| u64::from(breakers[i].state().as_gauge()),
     );
-    single(
+    per_breaker(
         out,
         "playhead_cassandra_breaker_opened_total",
         "counter",
         "Times the circuit breaker opened.",
-        breaker.times_opened(),
+        &|i| breakers[i].times_opened(),
     );
-    single(
+    per_breaker(
         out,
         "playhead_cassandra_breaker_refused_total",
         "counter",
         "Requests refused by the open breaker without being sent.",
-        load(&m.breaker_refused),
+        &|i| load(&m.breaker_refused[i]),
+    );
+    per_breaker(
+        out,
+        "playhead_cassandra_breaker_probes_abandoned_total",
+        "counter",
+        "Half-open probes dropped without an outcome (0 unless a probe task panicked).",
+        &|i| breakers[i].probes_abandoned(),
     );
     header(
         out,
@@ -911,21 +1034,38 @@ mod tests {
             let _one = InFlight::enter(&m.in_flight);
             assert_eq!(m.in_flight.load(Ordering::Relaxed), 1);
         }
-        let breaker = CircuitBreaker::new(1, Duration::from_secs(1));
-        let _ = breaker.admit(Instant::now()).unwrap(); // dropped: a failure, opens it
+        m.cancelled[Op::Get as usize].fetch_add(2, Ordering::Relaxed);
+        let breakers = [(); 2].map(|()| CircuitBreaker::new(1, Duration::from_secs(1)));
+        match breakers[1].admit() {
+            breaker::Admission::Go(ticket) => ticket.failure(),
+            other => panic!("a closed breaker admits, got {other:?}"),
+        }
         let mut out = String::new();
-        render_metrics(&m, &breaker, &mut out);
+        render_metrics(&m, &breakers, &mut out);
         for line in [
             "playhead_cassandra_requests_total{op=\"get\"} 3\n",
             "playhead_cassandra_errors_total{op=\"list\"} 0\n",
             "playhead_cassandra_in_flight_requests 0\n",
-            "playhead_cassandra_breaker_state 1\n",
-            "playhead_cassandra_breaker_opened_total 1\n",
+            "playhead_cassandra_cancelled_total{op=\"get\"} 2\n",
+            "playhead_cassandra_breaker_state{breaker=\"write\"} 0\n",
+            "playhead_cassandra_breaker_state{breaker=\"read\"} 1\n",
+            "playhead_cassandra_breaker_opened_total{breaker=\"read\"} 1\n",
+            "playhead_cassandra_breaker_refused_total{breaker=\"write\"} 0\n",
+            "playhead_cassandra_breaker_probes_abandoned_total{breaker=\"read\"} 0\n",
             "playhead_cassandra_request_duration_seconds_count{op=\"write\"} 1\n",
             "# TYPE playhead_cassandra_driver_retries_total counter\n",
         ] {
             assert!(out.contains(line), "missing {line:?} in\n{out}");
         }
+    }
+
+    #[test]
+    fn requests_prefer_the_local_datacenter_unless_the_keyspace_ignores_datacenters() {
+        let mut c = config();
+        c.local_datacenter = "eu".into();
+        assert_eq!(preferred_datacenter(&c), Some("eu"));
+        c.replication = ReplicationStrategy::SimpleStrategy;
+        assert_eq!(preferred_datacenter(&c), None);
     }
 
     #[test]
