@@ -662,6 +662,32 @@ mod tests {
         );
     }
 
+    /// The final flush stops at its deadline even when every cycle succeeds (a cycle is
+    /// capped by `flush.max_rows_per_cycle`, so storing millions of keys takes many): the
+    /// rest stays in the log and comes back at the next start.
+    #[tokio::test]
+    async fn the_final_flush_stops_at_its_deadline_between_successful_cycles() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.server.data_dir = dir.path().to_path_buf();
+        config.flush.max_rows_per_cycle = 10;
+        config.flush.shutdown_timeout_ms = 1;
+        let store = EmbeddedStore::open(&config.embedded_store_dir(), 1 << 20).unwrap();
+        let (engine, _) = Engine::open(config.clone(), Arc::new(store)).unwrap();
+        engine.write(&records(100)).await.unwrap();
+        let report = engine.shutdown(None).await;
+        assert!(report.flushed_rows < 100, "{report:?}");
+        assert_eq!(report.left_in_log, 100 - report.flushed_rows);
+        drop(engine);
+        let store = EmbeddedStore::open(&config.embedded_store_dir(), 1 << 20).unwrap();
+        let (reopened, _) = Engine::open(config, Arc::new(store)).unwrap();
+        assert_eq!(
+            reopened.shared().coalescer.dirty_len(),
+            100,
+            "replayed from the log"
+        );
+    }
+
     /// When the sync never succeeds before the final flush's deadline, nothing leaves the
     /// commit log: the next start replays every record.
     #[tokio::test]
