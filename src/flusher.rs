@@ -689,54 +689,13 @@ mod tests {
         );
     }
 
-    /// A store whose first write panics: what a bug in a store looks like to the flusher.
-    struct PanicsOnce {
-        inner: EmbeddedStore,
-        panicked: std::sync::atomic::AtomicBool,
-    }
-
-    #[async_trait::async_trait]
-    impl Store for PanicsOnce {
-        fn name(&self) -> &'static str {
-            "panics-once"
-        }
-        async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError> {
-            if !self.panicked.swap(true, Ordering::SeqCst) {
-                panic!("a store bug");
-            }
-            self.inner.write_batch(records).await
-        }
-        async fn sync(&self) -> Result<(), StoreError> {
-            self.inner.sync().await
-        }
-        async fn get(&self, key: Key) -> Result<Option<Value>, StoreError> {
-            self.inner.get(key).await
-        }
-        async fn list_profile(
-            &self,
-            account_id: u64,
-            profile_id: u64,
-            limit: usize,
-        ) -> Result<Vec<crate::store::TitleEntry>, StoreError> {
-            self.inner.list_profile(account_id, profile_id, limit).await
-        }
-        async fn purge_older_than(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
-            self.inner.purge_older_than(cutoff_ms).await
-        }
-    }
-
     /// A flush task that panics fails its cycle — counted, the keys still dirty and in
     /// the log — and the next cycle stores them: the flusher is not stalled by it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_flush_task_fails_its_cycle_and_the_next_one_stores_the_keys() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.server.data_dir = dir.path().to_path_buf();
-        let store = PanicsOnce {
-            inner: EmbeddedStore::open(&config.embedded_store_dir(), 1 << 20).unwrap(),
-            panicked: Default::default(),
-        };
-        let (engine, _) = Engine::open(config, Arc::new(store)).unwrap();
+        let (engine, switch) = open(dir.path(), 0);
+        switch.panic_next_writes(1);
         engine.write(&records(20)).await.unwrap();
         let failed = engine.flush().await;
         assert!(matches!(failed, Err(FlushError::Panicked(_))), "{failed:?}");

@@ -26,6 +26,8 @@ pub struct FaultSwitch {
     rows_written: AtomicU64,
     /// Syncs still to refuse, besides those refused while writes fail.
     syncs_to_fail: AtomicU64,
+    /// Writes still to panic in (a bug in a store, as the flusher sees it).
+    writes_to_panic: AtomicU64,
     sync_attempts: AtomicU64,
     rows_written_before_last_sync: AtomicU64,
 }
@@ -45,6 +47,11 @@ impl FaultSwitch {
     /// Makes the next `n` syncs fail with [`StoreError::Unavailable`].
     pub fn fail_next_syncs(&self, n: u64) {
         self.syncs_to_fail.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the next `n` writes panic.
+    pub fn panic_next_writes(&self, n: u64) {
+        self.writes_to_panic.store(n, Ordering::SeqCst);
     }
 
     /// Syncs attempted, including failed ones.
@@ -168,6 +175,12 @@ impl<S: Store> Store for FaultyStore<S> {
 impl<S: Store> FaultyStore<S> {
     async fn write_batch_with_faults(&self, records: &[Record]) -> Result<(), StoreError> {
         self.switch.write_attempts.fetch_add(1, Ordering::SeqCst);
+        let panic_asked = self
+            .switch
+            .writes_to_panic
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        assert!(!panic_asked, "injected panic in a store write");
         if self.switch.fail_writes.load(Ordering::SeqCst) {
             self.switch.failed_writes.fetch_add(1, Ordering::SeqCst);
             return Err(StoreError::Unavailable("injected write failure".into()));
