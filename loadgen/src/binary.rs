@@ -355,7 +355,7 @@ async fn fleet_connection(
         }
     }
     // Ticks inside the window that the generator never reached were due all the same.
-    stats.due += owed_after(&fleet, tick, window);
+    stats.due += fleet.owed_from(tick, window);
     for (_, sent) in &pending {
         for s in sent {
             fleet.unacknowledged(s);
@@ -363,20 +363,4 @@ async fn fleet_connection(
     }
     let (expected, unverifiable) = fleet.expected();
     Ok((stats, expected, unverifiable))
-}
-
-/// Heartbeats due in the measured window from `tick` on: what a generator that fell behind
-/// its schedule never sent.
-pub fn owed_after(fleet: &Fleet, mut tick: u64, window: Window) -> u64 {
-    let mut owed = 0;
-    loop {
-        let intended = window.start + TICK * tick as u32;
-        if intended >= window.end {
-            return owed;
-        }
-        if window.measuring(intended) {
-            owed += fleet.due_count(tick);
-        }
-        tick += 1;
-    }
 }

@@ -20,6 +20,7 @@ use playhead::protocol::WireRecord;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+use crate::report::Window;
 use crate::workload::{Expected, LoadTitle};
 
 /// A value's place in the last-write-wins order: (timestamp, device, position).
@@ -168,11 +169,27 @@ impl Fleet {
 
     /// Heartbeats due in `tick` (viewers not paused), without advancing anyone: what a
     /// generator that fell behind owes for a tick it never reached.
-    pub fn due_count(&self, tick: u64) -> u64 {
+    fn due_count(&self, tick: u64) -> u64 {
         self.viewers[self.slot_range(tick)]
             .iter()
             .filter(|v| v.paused_beats == 0)
             .count() as u64
+    }
+
+    /// Heartbeats due in the measured window from `tick` on: what a generator that fell
+    /// behind its schedule never sent.
+    pub fn owed_from(&self, mut tick: u64, window: Window) -> u64 {
+        let mut owed = 0;
+        loop {
+            let intended = window.start + TICK * tick as u32;
+            if intended >= window.end {
+                return owed;
+            }
+            if window.measuring(intended) {
+                owed += self.due_count(tick);
+            }
+            tick += 1;
+        }
     }
 
     /// Advances the viewers due in `tick` and emits their heartbeats stamped `now_ms`.

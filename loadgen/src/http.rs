@@ -392,7 +392,7 @@ async fn fleet_connection(
             }
         }
     }
-    stats.due += crate::binary::owed_after(&fleet, tick, window);
+    stats.due += fleet.owed_from(tick, window);
     let (expected, unverifiable) = fleet.expected();
     Ok((stats, expected, unverifiable))
 }

@@ -264,7 +264,7 @@ async fn fleet_connection(
             }
         }
     }
-    stats.due += crate::binary::owed_after(&fleet, tick, window);
+    stats.due += fleet.owed_from(tick, window);
     Ok(stats)
 }
 
