@@ -362,7 +362,10 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
     }
 
     fn resize(&mut self, slots: usize) {
-        let old_slots = std::mem::replace(&mut self.slots, vec![EMPTY; slots]);
+        let mut table = Vec::with_capacity(slots);
+        advise_huge_pages(&table);
+        table.resize(slots, EMPTY);
+        let old_slots = std::mem::replace(&mut self.slots, table);
         let old_used = std::mem::replace(&mut self.used, vec![0; slots.div_ceil(64)]);
         self.len = 0;
         for (i, slot) in old_slots.iter().enumerate() {
@@ -371,6 +374,28 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
             }
         }
     }
+}
+
+/// Asks the kernel to back a large table with 2 MiB pages (transparent huge pages, which
+/// Linux grants on `madvise` by default), before its pages are first touched. At 30 M keys
+/// the tables hold 1.3 GB probed at random: with 4 KiB pages nearly every probe also misses
+/// the TLB and walks the page tables, a second memory access the prefetch cannot always
+/// hide. Advice only: where the kernel declines, the table works the same on small pages.
+fn advise_huge_pages<T>(table: &Vec<T>) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = table.as_ptr() as usize;
+        let end = start + table.capacity() * std::mem::size_of::<T>();
+        let (from, to) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if to > from {
+            // SAFETY: the range lies inside `table`'s own allocation; MADV_HUGEPAGE changes
+            // how the kernel backs those pages, never their contents or mapping.
+            unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = table;
 }
 
 impl Slot {
