@@ -355,6 +355,17 @@ fn one_accounts_devices_share_a_node_through_haproxy_and_move_when_it_dies() {
 
     // kill -9 the owner: once the health checks mark it down, another node answers.
     nodes[owner].kill9();
+    // Before the checks notice, a request that finds the node's port closed is retried on
+    // the account's next node (`retries 1`, `option redispatch`).
+    let asked = Instant::now();
+    let early = proxy.request("GET", "/api/v1/stream?movie_id=inception", &tv, None);
+    assert_eq!(early.answer.status, 200, "{:?}", early.answer);
+    assert_ne!(early.node, owner);
+    eprintln!(
+        "right after the kill: answered by node {} in {:?}",
+        early.node,
+        asked.elapsed()
+    );
     let marked = proxy.wait_for(Duration::from_secs(10), "marking the node down", |s| {
         s[owner].starts_with("DOWN")
     });
@@ -363,6 +374,7 @@ fn one_accounts_devices_share_a_node_through_haproxy_and_move_when_it_dies() {
     assert_ne!(read.node, owner);
     assert_eq!(read.answer.status, 200, "{:?}", read.answer);
     let heir = read.node;
+    eprintln!("after the checks: answered by node {heir}");
     // Each node has its own embedded store: the heir knows nothing of the account yet.
     let resume = read.answer.json();
     assert_eq!(resume["resume_position_seconds"], 0, "{resume}");

@@ -292,7 +292,10 @@ impl ClusterClient {
         &mut self,
         records: &[WireRecord],
     ) -> Result<ClusterReply, ClusterError> {
-        assert!(records.len() <= u32::MAX as usize, "a batch is counted in u32");
+        assert!(
+            records.len() <= u32::MAX as usize,
+            "a batch is counted in u32"
+        );
         let mut reply = ClusterReply::default();
         let mut pending: Vec<u32> = (0..records.len() as u32).collect();
         for round in 0..=self.members.len() {
@@ -365,7 +368,12 @@ impl ClusterClient {
 
 /// Adds one node's replies to `reply`, mapping batch indexes back through `origins`.
 fn merge(member: &mut Member, origins: &[u32], answered: Vec<Answered>, reply: &mut ClusterReply) {
-    for Answered { offset, len, reply: answer } in answered {
+    for Answered {
+        offset,
+        len,
+        reply: answer,
+    } in answered
+    {
         let batch = &origins[offset..offset + len];
         match answer {
             Reply::Ack {

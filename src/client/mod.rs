@@ -12,7 +12,9 @@
 mod cluster;
 pub mod ring;
 
-pub use cluster::{ClusterClient, ClusterError, ClusterNode, ClusterOptions, ClusterReply, NodeStatus};
+pub use cluster::{
+    ClusterClient, ClusterError, ClusterNode, ClusterOptions, ClusterReply, NodeStatus,
+};
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -130,7 +130,11 @@ impl Ring {
         // The first live point at or after the hash, wrapping; then the last one before.
         let (before, after) = self.points.split_at(at);
         let next = *after.iter().chain(before).find(|p| live(p))?;
-        let prev = *before.iter().rev().chain(after.iter().rev()).find(|p| live(p))?;
+        let prev = *before
+            .iter()
+            .rev()
+            .chain(after.iter().rev())
+            .find(|p| live(p))?;
         if next.1 == prev.1 {
             return Some(next.1 as usize);
         }
@@ -315,7 +319,11 @@ mod tests {
             .unwrap();
         let (a, b) = (ring.points[i], ring.points[i + 1]);
         let mid = a.0 + (b.0 - a.0) / 2;
-        assert_eq!(ring.node_of_hash(mid, all), Some(a.1 as usize), "tie: before");
+        assert_eq!(
+            ring.node_of_hash(mid, all),
+            Some(a.1 as usize),
+            "tie: before"
+        );
         assert_eq!(ring.node_of_hash(mid + 1, all), Some(b.1 as usize));
         assert_eq!(ring.node_of_hash(a.0, all), Some(a.1 as usize));
         assert_eq!(ring.node_of_hash(b.0, all), Some(b.1 as usize));
