@@ -541,3 +541,25 @@ async fn the_ring_client_splits_batches_per_node_and_reroutes_around_down_nodes(
     assert!(!last_error.is_empty(), "{error}");
     assert!(client.status().iter().all(|s| !s.up));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_fails_is_not_tried_again_within_the_same_call() {
+    // With no pause before retrying a down node, each call still gives up on it for the
+    // rest of the call and delivers everything to the live one.
+    let live = TestServer::start().await;
+    let nodes = ClusterNode::numbered(&[free_port(), live.binary_addr]);
+    let options = ClusterOptions {
+        down_retry: Duration::ZERO,
+        ..ClusterOptions::default()
+    };
+    let secret = live.config.binary.secret.clone();
+    let mut client = ClusterClient::new(&nodes, secret.as_bytes(), options).unwrap();
+    let at = now_ms() - 1_000;
+    let records: Vec<WireRecord> = (1..=200).map(|acc| record(acc, 5, at)).collect();
+    for _ in 0..3 {
+        let reply = client.write_batch(&records).await.unwrap();
+        assert_eq!(reply.accepted, 200);
+        assert!(reply.rerouted > 0);
+    }
+    assert_eq!(client.status()[0].failures, 3, "tried again once per call");
+}

@@ -298,6 +298,9 @@ impl ClusterClient {
         );
         let mut reply = ClusterReply::default();
         let mut pending: Vec<u32> = (0..records.len() as u32).collect();
+        // Nodes that failed during this call are not tried again in it, whatever
+        // `down_retry` says, so every round has one node fewer or is the last.
+        let mut failed_nodes = vec![false; self.members.len()];
         for round in 0..=self.members.len() {
             if pending.is_empty() {
                 return Ok(reply);
@@ -305,9 +308,10 @@ impl ClusterClient {
             if round > 0 {
                 reply.rerouted += pending.len() as u32;
             }
-            self.route(records, &pending)?;
+            self.route(records, &pending, &failed_nodes)?;
             pending.clear();
-            self.deliver(&mut reply, &mut pending).await;
+            self.deliver(&mut reply, &mut pending, &mut failed_nodes)
+                .await;
         }
         if pending.is_empty() {
             return Ok(reply);
@@ -318,10 +322,18 @@ impl ClusterClient {
         })
     }
 
-    /// Fills `routed` with the records at `indexes`, each under its account's node.
-    fn route(&mut self, records: &[WireRecord], indexes: &[u32]) -> Result<(), ClusterError> {
+    /// Fills `routed` with the records at `indexes`, each under its account's node among
+    /// the routable ones that are not `excluded`.
+    fn route(
+        &mut self,
+        records: &[WireRecord],
+        indexes: &[u32],
+        excluded: &[bool],
+    ) -> Result<(), ClusterError> {
         let now = Instant::now();
-        let routable: Vec<bool> = self.members.iter().map(|m| m.routable(now)).collect();
+        let routable: Vec<bool> = (self.members.iter().zip(excluded))
+            .map(|(m, &excluded)| !excluded && m.routable(now))
+            .collect();
         for (part, origins) in &mut self.routed {
             part.clear();
             origins.clear();
@@ -340,23 +352,28 @@ impl ClusterClient {
         Ok(())
     }
 
-    /// Sends every node its routed part, concurrently; merges the replies into `reply` and
-    /// puts the indexes of records whose node failed into `failed`.
-    async fn deliver(&mut self, reply: &mut ClusterReply, failed: &mut Vec<u32>) {
+    /// Sends every node its routed part, concurrently; merges the replies into `reply`,
+    /// puts the indexes of records whose node failed into `failed` and flags the node in
+    /// `failed_nodes`.
+    async fn deliver(
+        &mut self,
+        reply: &mut ClusterReply,
+        failed: &mut Vec<u32>,
+        failed_nodes: &mut [bool],
+    ) {
         let (secret, options) = (&self.secret, &self.options);
-        let exchanges = self
-            .members
-            .iter_mut()
+        let exchanges = (self.members.iter_mut().enumerate())
             .zip(&self.routed)
             .filter(|(_, (part, _))| !part.is_empty())
-            .map(|(member, (part, origins))| async move {
+            .map(|((index, member), (part, origins))| async move {
                 let outcome = member.exchange(part, secret, options).await;
-                (member, origins, outcome)
+                (index, member, origins, outcome)
             });
-        for (member, origins, outcome) in futures::future::join_all(exchanges).await {
+        for (index, member, origins, outcome) in futures::future::join_all(exchanges).await {
             match outcome {
                 Ok(replies) => merge(member, origins, replies, reply),
                 Err(error) => {
+                    failed_nodes[index] = true;
                     member.mark_down(&error, options.down_retry);
                     self.last_error = member.last_error.clone().unwrap_or_default();
                     failed.extend_from_slice(origins);
