@@ -3,8 +3,8 @@
 //! `playhead::client::ClusterClient`, and what happens when a node dies.
 //!
 //! The HAProxy test needs the `haproxy` binary (Debian's package, installed by `.ci/run`).
-//! Where it is missing the test says so on stderr and returns; under `CI` it fails instead,
-//! because CI installs it.
+//! Where it is missing the test says so on stderr (uncaptured, so `cargo test` shows it) and
+//! returns; under `CI` it fails instead, because CI installs it.
 
 mod common;
 
@@ -50,7 +50,11 @@ fn haproxy_binary() -> Option<PathBuf> {
             std::env::var_os("CI").is_none(),
             "haproxy is not installed, and CI installs it (.ci/run): the install step failed"
         );
-        eprintln!(
+        // Straight to the process's stderr, past the test harness's capture, so that a
+        // skip shows in a plain `cargo test` run.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
             "SKIPPED: haproxy is not installed (apt-get install haproxy; .ci/run does it in CI)"
         );
     }
