@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::BytesMut;
-use playhead::client::{Client, Receiver, Reply, Sender};
+use playhead::client::{
+    Client, ClusterClient, ClusterNode, ClusterOptions, ClusterReply, Receiver, Reply, Sender,
+};
 use playhead::protocol::{self, WireRecord};
 use tokio::task::JoinSet;
 use tokio::time::sleep_until;
@@ -267,6 +269,9 @@ async fn fleet_connection(
     if fleet.len() == 0 {
         return Ok((stats, Vec::new(), 0));
     }
+    if !args.servers.is_empty() {
+        return fleet_cluster_connection(args, titles, live, window, fleet).await;
+    }
     let (mut tx, mut rx) = connect(args).await?;
     let max_batch = args.batch.max(1);
     // In-flight batches keep what they sent (reused buffers) until answered: the intended
@@ -363,4 +368,109 @@ async fn fleet_connection(
     }
     let (expected, unverifiable) = fleet.expected();
     Ok((stats, expected, unverifiable))
+}
+
+/// `fleet --servers`: each tick's heartbeats go through a [`ClusterClient`], which sends
+/// every record to its account's node (the parts to the nodes concurrently) and re-routes
+/// the records of a node that fails. One call per tick, answered before the next tick is
+/// sent, so a slow node delays this connection's later ticks (their latency shows it).
+async fn fleet_cluster_connection(
+    args: &Args,
+    titles: &[LoadTitle],
+    live: &Live,
+    window: Window,
+    mut fleet: Fleet,
+) -> anyhow::Result<(TaskStats, Vec<Expected>, u64)> {
+    let mut stats = TaskStats::new();
+    let nodes = ClusterNode::numbered(&args.servers);
+    let mut cluster =
+        ClusterClient::new(&nodes, args.secret.as_bytes(), ClusterOptions::default())?;
+    let max_batch = args.batch.max(1);
+    let mut due_now: Vec<Sent> = Vec::new();
+    let mut wire: Vec<WireRecord> = Vec::with_capacity(max_batch);
+    let mut rerouted = 0u64;
+    let mut tick = 0u64;
+    while Instant::now() < window.end {
+        let intended = window.start + TICK * tick as u32;
+        until(intended, Instant::now()).await;
+        let start = latency_start(intended, Instant::now());
+        due_now.clear();
+        fleet.due(tick, playhead::model::now_ms(), titles, |s| due_now.push(s));
+        tick += 1;
+        if window.measuring(intended) {
+            stats.due += due_now.len() as u64;
+        }
+        for chunk in due_now.chunks(max_batch) {
+            wire.clear();
+            wire.extend(chunk.iter().map(|s| s.record));
+            let reply = cluster
+                .write_batch(&wire)
+                .await
+                .context("writing to the cluster")?;
+            rerouted += u64::from(reply.rerouted);
+            cluster_answered(&reply, chunk, start, window, live, &mut stats, &mut fleet);
+            if !reply.busy.is_empty() {
+                let pause = u64::from(reply.retry_after_ms);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+        }
+    }
+    stats.due += fleet.owed_from(tick, window);
+    if rerouted > 0 {
+        for node in cluster.status().iter().filter(|n| n.failures > 0) {
+            eprintln!(
+                "cluster node {} (id {}): marked down {} times, {} records acknowledged, last: {}",
+                node.node.addr,
+                node.node.id,
+                node.failures,
+                node.accepted,
+                node.last_error.as_deref().unwrap_or("-")
+            );
+        }
+        eprintln!("cluster: {rerouted} records re-routed to another node");
+    }
+    let (expected, unverifiable) = fleet.expected();
+    Ok((stats, expected, unverifiable))
+}
+
+/// Books one [`ClusterClient::write_batch`] answer for the heartbeats in `sent`.
+fn cluster_answered(
+    reply: &ClusterReply,
+    sent: &[Sent],
+    start: Instant,
+    window: Window,
+    live: &Live,
+    stats: &mut TaskStats,
+    fleet: &mut Fleet,
+) {
+    let at = Instant::now();
+    let mut refused = vec![false; sent.len()];
+    for &(i, _) in &reply.rejections {
+        refused[i as usize] = true;
+    }
+    for &i in &reply.busy {
+        refused[i as usize] = true;
+        // Not taken for sure: the server may show it, or not.
+        fleet.unacknowledged(&sent[i as usize]);
+    }
+    for (s, _) in sent.iter().zip(&refused).filter(|(_, refused)| !**refused) {
+        fleet.acknowledged(s);
+    }
+    live.acked
+        .fetch_add(u64::from(reply.accepted), Ordering::Relaxed);
+    if !reply.busy.is_empty() {
+        live.busy.fetch_add(1, Ordering::Relaxed);
+    }
+    if window.measuring(at) {
+        stats.acked += u64::from(reply.accepted);
+        stats.rejected += reply.rejections.len() as u64;
+        stats.busy += u64::from(!reply.busy.is_empty());
+    }
+    let due = window.measuring(start);
+    if due {
+        stats.due_acked += u64::from(reply.accepted);
+    }
+    if due || window.measuring(at) {
+        stats.record_latency(at.saturating_duration_since(start));
+    }
 }

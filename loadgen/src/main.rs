@@ -64,6 +64,13 @@ pub struct Args {
     /// The server's binary listener.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub binary_addr: SocketAddr,
+    /// `fleet` over the binary protocol to a cluster: the nodes' binary listeners, in the
+    /// order of deploy/haproxy.cfg's servers (ids 1, 2, …). Each record goes to its
+    /// account's node through `playhead::client::ClusterClient`; one call per tick and
+    /// connection, answered before the next. `--verify` reads through `--http-addr`: point
+    /// it at HAProxy in front of the same nodes, which routes each account to the same node.
+    #[arg(long, value_delimiter = ',')]
+    pub servers: Vec<SocketAddr>,
     /// The server's HTTP listener (HTTP workloads, reads, `--verify`).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,

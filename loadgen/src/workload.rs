@@ -94,6 +94,11 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     if args.verify && matches!(args.protocol, Protocol::RedisLww | Protocol::RedisSet) {
         bail!("--verify reads back through Playhead's HTTP API; it does not apply to the redis protocols");
     }
+    if !args.servers.is_empty()
+        && (args.workload, args.protocol) != (Workload::Fleet, Protocol::Binary)
+    {
+        bail!("--servers applies to `fleet --protocol binary` only");
+    }
     let outcome = match (args.workload, args.protocol) {
         (_, Protocol::RedisLww | Protocol::RedisSet) => {
             crate::redis::run(&args, &titles, &live, window).await?

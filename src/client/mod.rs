@@ -5,6 +5,16 @@
 //! [`Client::send_batch`] (or pre-encoded frames with [`Client::send_frame`]) and read the
 //! replies, which come in order, with [`Client::recv`]. [`Client::into_split`] gives a
 //! sender and a receiver half for two tasks.
+//!
+//! For many nodes, [`ClusterClient`] sends each record to its account's node on the
+//! consistent-hash [`ring`] that HAProxy uses for the HTTP API (docs/cluster.md).
+
+mod cluster;
+pub mod ring;
+
+pub use cluster::{
+    ClusterClient, ClusterError, ClusterNode, ClusterOptions, ClusterReply, NodeStatus,
+};
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,0 +1,569 @@
+//! A Playhead cluster on the embedded store: account-affine routing over HTTP through the
+//! real HAProxy with `deploy/haproxy.cfg`, over the binary protocol through
+//! `playhead::client::ClusterClient`, and what happens when a node dies.
+//!
+//! The HAProxy test needs the `haproxy` binary (Debian's package, installed by `.ci/run`).
+//! Where it is missing the test says so on stderr (uncaptured, so `cargo test` shows it) and
+//! returns; under `CI` it fails instead, because CI installs it.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::process::{http_request, metric, HttpAnswer, Process};
+use common::TestServer;
+use playhead::auth;
+use playhead::catalog::title_id_of;
+use playhead::client::ring::{Ring, RingNode, DEFAULT_WEIGHT, MAX_HAPROXY_ACCOUNT_ID};
+use playhead::client::{ClusterClient, ClusterError, ClusterNode, ClusterOptions};
+use playhead::model::{now_ms, Key};
+use playhead::protocol::WireRecord;
+
+const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg");
+const NODES: usize = 3;
+/// Health checks every 200 ms, down after 2 failures, up after 2 successes: a dead node
+/// is out within ~0.5 s.
+const CHECK_INTER_MS: u64 = 200;
+
+/// A port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+}
+
+/// The haproxy binary, or `None` (with the reason printed) where it is not installed.
+fn haproxy_binary() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("haproxy"))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "haproxy is not installed, and CI installs it (.ci/run): the install step failed"
+        );
+        // Straight to the process's stderr, past the test harness's capture, so that a
+        // skip shows in a plain `cargo test` run.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: haproxy is not installed (apt-get install haproxy; .ci/run does it in CI)"
+        );
+    }
+    found
+}
+
+/// HAProxy running `deploy/haproxy.cfg` in the foreground, in front of `nodes` (HTTP
+/// addresses, in server order); killed on drop.
+struct Haproxy {
+    child: Child,
+    addr: SocketAddr,
+    stats: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Haproxy {
+    fn start(binary: &Path, nodes: &[SocketAddr]) -> Self {
+        let (addr, stats) = (free_port(), free_port());
+        let mut cmd = Command::new(binary);
+        cmd.args(["-db", "-f", CONFIG])
+            .env("PLAYHEAD_LB_BIND", addr.to_string())
+            .env("PLAYHEAD_LB_STATS", stats.to_string())
+            .env("PLAYHEAD_LB_CHECK_INTER", format!("{CHECK_INTER_MS}ms"))
+            .env("PLAYHEAD_LB_CHECK_FALL", "2")
+            .env("PLAYHEAD_LB_CHECK_RISE", "2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (i, node) in nodes.iter().enumerate() {
+            cmd.env(format!("PLAYHEAD_LB_NODE{}", i + 1), node.to_string());
+        }
+        let mut child = cmd.spawn().expect("spawn haproxy");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let sink = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push(line);
+                }
+            });
+        }
+        let mut proxy = Self {
+            child,
+            addr,
+            stats,
+            log,
+        };
+        proxy.wait_for(Duration::from_secs(10), "every node up", |states| {
+            states.iter().all(|s| s == "UP")
+        });
+        proxy
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Each server's status (`UP`, `DOWN`, `UP 1/2`, …) from the stats CSV, in order.
+    fn states(&mut self) -> Vec<String> {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("haproxy exited ({status}):\n{}", self.log());
+        }
+        let mut states = vec![String::new(); NODES];
+        let Some(csv) = stats_csv(self.stats) else {
+            return states; // not listening yet, right after the start
+        };
+        let mut lines = csv.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("# ")
+            .split(',')
+            .collect();
+        let column = |name: &str| header.iter().position(|h| *h == name);
+        let (Some(px), Some(sv), Some(status)) =
+            (column("pxname"), column("svname"), column("status"))
+        else {
+            return states;
+        };
+        for line in lines {
+            let fields: Vec<&str> = line.split(',').collect();
+            if fields.get(px) != Some(&"playhead") {
+                continue;
+            }
+            let name = fields.get(sv).copied().unwrap_or_default();
+            if let Some(n) = name
+                .strip_prefix("node")
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                states[n - 1] = fields[status].to_string();
+            }
+        }
+        states
+    }
+
+    /// Polls the stats until `ready` holds, up to `limit`; returns how long it took.
+    fn wait_for(
+        &mut self,
+        limit: Duration,
+        what: &str,
+        ready: impl Fn(&[String]) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        loop {
+            let states = self.states();
+            if ready(&states) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < limit,
+                "haproxy: not {what} within {limit:?}: {states:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn request(&self, method: &str, path: &str, token: &str, body: Option<&str>) -> Served {
+        let answer = http_request(self.addr, method, path, Some(token), body);
+        let node = answer
+            .header("x-playhead-node")
+            .and_then(|n| n.strip_prefix("node").and_then(|n| n.parse::<usize>().ok()))
+            .unwrap_or_else(|| panic!("no X-Playhead-Node header: {answer:?}\n{}", self.log()));
+        Served {
+            node: node - 1,
+            answer,
+        }
+    }
+}
+
+/// The stats page as CSV (HAProxy sends it chunked); `None` while nothing listens.
+fn stats_csv(addr: SocketAddr) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"GET /stats;csv HTTP/1.0\r\n\r\n").ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (head, mut chunked) = text.split_once("\r\n\r\n")?;
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Some(chunked.to_string());
+    }
+    let mut body = String::new();
+    loop {
+        let (size, rest) = chunked.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        body.push_str(rest.get(..size)?);
+        chunked = rest.get(size + 2..)?;
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An answer through HAProxy and the node (0-based, server order) that gave it.
+struct Served {
+    node: usize,
+    answer: HttpAnswer,
+}
+
+/// The ring HAProxy's servers form: ids 1, 2, 3 at the weight of `deploy/haproxy.cfg`.
+fn haproxy_ring() -> Ring {
+    let nodes: Vec<RingNode> = (1..=NODES as u32)
+        .map(|id| RingNode {
+            id,
+            weight: DEFAULT_WEIGHT,
+        })
+        .collect();
+    Ring::new(&nodes).unwrap()
+}
+
+fn token(account_id: u64, profile_id: u64, ttl_seconds: u64) -> String {
+    auth::mint_hs256(auth::DEV_SECRET, account_id, profile_id, ttl_seconds).unwrap()
+}
+
+/// A Playhead node of the cluster: its own data directory, the commit log in `group` mode
+/// (so kill -9 loses nothing acknowledged), and, when restarted, the same HTTP address.
+fn start_node(dir: &Path, http: Option<SocketAddr>) -> Process {
+    let mut overrides = vec![("WAL__SYNC_MODE", "group".to_string())];
+    if let Some(addr) = http {
+        overrides.push(("HTTP__LISTEN", addr.to_string()));
+    }
+    Process::start(dir, &overrides)
+}
+
+/// `count` of a route's answers with `status` on one node, read from its own /metrics.
+fn answered(node: &Process, route: &str, status: u16) -> f64 {
+    metric(
+        &node.metrics(),
+        &format!("playhead_http_requests_total{{route=\"{route}\",status=\"{status}\"}}"),
+    )
+}
+
+/// The node HAProxy sends `account`'s requests to, by asking it.
+fn haproxy_node_of(proxy: &Haproxy, account: u64) -> usize {
+    let served = proxy.request(
+        "GET",
+        "/api/v1/stream?movie_id=inception",
+        &token(account, 1, 600),
+        None,
+    );
+    assert_eq!(served.answer.status, 200, "{:?}", served.answer);
+    served.node
+}
+
+/// Accounts to compare HAProxy's choice with the ring's: small ids, large ones, and the
+/// largest HAProxy reads as an integer.
+fn sample_accounts() -> Vec<u64> {
+    (1..=150)
+        .chain((0..40).map(|i| 1_000_000_007 + i * 7_919))
+        .chain((0..10).map(|i| MAX_HAPROXY_ACCOUNT_ID - i * 1_000_003))
+        .collect()
+}
+
+#[test]
+fn one_accounts_devices_share_a_node_through_haproxy_and_move_when_it_dies() {
+    let Some(haproxy) = haproxy_binary() else {
+        return;
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<Process> = dirs.iter().map(|d| start_node(d.path(), None)).collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.http).collect();
+    let mut proxy = Haproxy::start(&haproxy, &addrs);
+
+    // One profile watched on two devices, each with its own token.
+    let (account, profile) = (42, 1);
+    let phone = token(account, profile, 600);
+    let tv = token(account, profile, 900);
+    assert_ne!(phone, tv);
+    let base_ms = now_ms() - 120_000;
+    let beat = |position: u32, device: &str, at_ms: u64| {
+        format!(
+            r#"{{"movie_id":"inception","position_seconds":{position},"device_id":"{device}","timestamp_ms":{at_ms}}}"#
+        )
+    };
+    let mut served_by = Vec::new();
+    let post = |token: &str, body: String, served_by: &mut Vec<usize>| {
+        let s = proxy.request("POST", "/api/v1/stream/progress", token, Some(&body));
+        assert_eq!(s.answer.status, 204, "{:?}", s.answer);
+        served_by.push(s.node);
+    };
+    // The phone plays 100 → 136 s, then the TV goes on from 1 000 s, 40 s later.
+    for i in 0..10 {
+        post(
+            &phone,
+            beat(100 + 4 * i, "phone", base_ms + 4_000 * u64::from(i)),
+            &mut served_by,
+        );
+    }
+    for i in 0..10 {
+        let at = base_ms + 40_000 + 4_000 * u64::from(i);
+        post(&tv, beat(1_000 + 4 * i, "tv", at), &mut served_by);
+    }
+    let tv_last_ms = base_ms + 40_000 + 36_000;
+    // A phone heartbeat that arrives last but was seen first (a retry) changes nothing.
+    post(&phone, beat(136, "phone", base_ms + 36_000), &mut served_by);
+    let read = proxy.request("GET", "/api/v1/stream?movie_id=inception", &phone, None);
+    served_by.push(read.node);
+    let owner = served_by[0];
+    assert!(
+        served_by.iter().all(|&n| n == owner),
+        "the account's requests were spread: {served_by:?}"
+    );
+    let resume = read.answer.json();
+    assert_eq!(resume["resume_position_seconds"], 1_036, "{resume}");
+    assert_eq!(resume["updated_at_ms"], tv_last_ms, "{resume}");
+    assert_eq!(resume["last_device_id"], "tv", "{resume}");
+    assert_eq!(resume["source"], "memory", "{resume}");
+    // The nodes' own counters agree with HAProxy's header: 21 heartbeats, 1 read, all on
+    // the owner.
+    for (i, node) in nodes.iter().enumerate() {
+        let expect = if i == owner { (21.0, 1.0) } else { (0.0, 0.0) };
+        let got = (
+            answered(node, "post_progress", 204),
+            answered(node, "get_stream", 200),
+        );
+        assert_eq!(got, expect, "node {i} (owner {owner})");
+    }
+
+    // The ring of playhead::client picks HAProxy's node for every account.
+    let ring = haproxy_ring();
+    let accounts = sample_accounts();
+    for &a in &accounts {
+        let expect = ring.node_of(a, |_| true).unwrap();
+        assert_eq!(haproxy_node_of(&proxy, a), expect, "account {a}");
+    }
+    assert_eq!(ring.node_of(account, |_| true), Some(owner));
+
+    // kill -9 the owner: once the health checks mark it down, another node answers.
+    nodes[owner].kill9();
+    // Before the checks notice, a request that finds the node's port closed is retried on
+    // the account's next node (`retries 1`, `option redispatch`).
+    let asked = Instant::now();
+    let early = proxy.request("GET", "/api/v1/stream?movie_id=inception", &tv, None);
+    assert_eq!(early.answer.status, 200, "{:?}", early.answer);
+    assert_ne!(early.node, owner);
+    eprintln!(
+        "right after the kill: answered by node {} in {:?}",
+        early.node,
+        asked.elapsed()
+    );
+    let marked = proxy.wait_for(Duration::from_secs(10), "marking the node down", |s| {
+        s[owner].starts_with("DOWN")
+    });
+    eprintln!("node {owner} killed; marked down after {:?}", marked);
+    let read = proxy.request("GET", "/api/v1/stream?movie_id=inception", &tv, None);
+    assert_ne!(read.node, owner);
+    assert_eq!(read.answer.status, 200, "{:?}", read.answer);
+    let heir = read.node;
+    eprintln!("after the checks: answered by node {heir}");
+    // Each node has its own embedded store: the heir knows nothing of the account yet.
+    let resume = read.answer.json();
+    assert_eq!(resume["resume_position_seconds"], 0, "{resume}");
+    assert!(resume.get("updated_at_ms").is_none(), "{resume}");
+    // It takes the account's new heartbeats and answers them.
+    let later = base_ms + 100_000;
+    let s = proxy.request(
+        "POST",
+        "/api/v1/stream/progress",
+        &tv,
+        Some(&beat(1_100, "tv", later)),
+    );
+    assert_eq!((s.answer.status, s.node), (204, heir), "{:?}", s.answer);
+    let read = proxy.request("GET", "/api/v1/stream?movie_id=inception", &phone, None);
+    assert_eq!(read.node, heir);
+    assert_eq!(read.answer.json()["resume_position_seconds"], 1_100);
+    // With the owner down, the ring and HAProxy still agree on every account.
+    for &a in &accounts {
+        let expect = ring.node_of(a, |n| n != owner).unwrap();
+        assert_eq!(
+            haproxy_node_of(&proxy, a),
+            expect,
+            "account {a}, node {owner} down"
+        );
+    }
+    assert_eq!(ring.node_of(account, |n| n != owner), Some(heir));
+
+    // The owner comes back on its address, replays its commit log, and gets the account
+    // back: it answers what it had acknowledged before it died, not what the heir took
+    // meanwhile (the heir's write is in the heir's store only).
+    nodes[owner] = start_node(dirs[owner].path(), Some(addrs[owner]));
+    proxy.wait_for(Duration::from_secs(10), "marking the node up", |s| {
+        s[owner] == "UP"
+    });
+    let read = proxy.request("GET", "/api/v1/stream?movie_id=inception", &phone, None);
+    assert_eq!(read.node, owner);
+    let resume = read.answer.json();
+    assert_eq!(resume["resume_position_seconds"], 1_036, "{resume}");
+    assert_eq!(resume["updated_at_ms"], tv_last_ms, "{resume}");
+    // Device names live in memory only (docs/api.md, `api.max_device_names`).
+    assert!(resume.get("last_device_id").is_none(), "{resume}");
+}
+
+fn record(account: u64, position: u32, timestamp_ms: u64) -> WireRecord {
+    WireRecord {
+        account_id: account,
+        profile_id: 1,
+        title_id: title_id_of("inception"),
+        position_seconds: position,
+        device_id: 7,
+        timestamp_ms,
+    }
+}
+
+/// Which of `servers` hold `account`'s key at `position` (by their engines' reads).
+async fn holders(servers: &[Option<&TestServer>], account: u64, position: u32) -> Vec<usize> {
+    let key = Key::new(account, 1, title_id_of("inception"));
+    let mut found = Vec::new();
+    for (i, server) in servers.iter().enumerate() {
+        if let Some(server) = server {
+            let value = server.engine.get(key).await.value;
+            if value.is_some_and(|v| v.position_seconds == position) {
+                found.push(i);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ring_client_splits_batches_per_node_and_reroutes_around_down_nodes() {
+    let accounts = 1..=600u64;
+    let a = TestServer::start().await;
+    let b = TestServer::start().await;
+    // The third node is not running yet: its port refuses connections.
+    let c_addr = free_port();
+    let nodes = ClusterNode::numbered(&[a.binary_addr, b.binary_addr, c_addr]);
+    let options = ClusterOptions {
+        connect_timeout: Duration::from_secs(2),
+        reply_timeout: Duration::from_secs(10),
+        down_retry: Duration::from_millis(300),
+    };
+    let secret = a.config.binary.secret.clone();
+    let mut client = ClusterClient::new(&nodes, secret.as_bytes(), options).unwrap();
+    let ring = haproxy_ring();
+    let owned_by = |n: usize, up: &dyn Fn(usize) -> bool| {
+        accounts
+            .clone()
+            .filter(|&acc| ring.node_of(acc, up) == Some(n))
+            .count() as u32
+    };
+    let batch = |position: u32| -> Vec<WireRecord> {
+        let at = now_ms() - 60_000 + u64::from(position);
+        accounts
+            .clone()
+            .map(|acc| record(acc, position, at))
+            .collect()
+    };
+
+    // Node 3 is down: its accounts' records go to their next node in the same call.
+    let reply = client.write_batch(&batch(10)).await.unwrap();
+    assert_eq!(reply.accepted, 600);
+    assert!(reply.rejections.is_empty() && reply.busy.is_empty());
+    assert_eq!(reply.rerouted, owned_by(2, &|_| true));
+    assert!(reply.rerouted > 150, "{}", reply.rerouted);
+    let status = client.status();
+    assert!(status[0].up && status[1].up && !status[2].up, "{status:?}");
+    assert!(status[2]
+        .last_error
+        .as_deref()
+        .unwrap()
+        .contains(&c_addr.to_string()));
+    for acc in accounts.clone() {
+        let expect = ring.node_of(acc, |n| n != 2).unwrap();
+        assert_eq!(
+            holders(&[Some(&a), Some(&b), None], acc, 10).await,
+            vec![expect]
+        );
+    }
+
+    // Node 3 starts; after `down_retry` the next batch tries it and its accounts return.
+    let c = TestServer::start_with(|config| config.binary.listen = c_addr.to_string()).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let reply = client.write_batch(&batch(20)).await.unwrap();
+    assert_eq!((reply.accepted, reply.rerouted), (600, 0));
+    assert!(client.status().iter().all(|s| s.up));
+    let all = [Some(&a), Some(&b), Some(&c)];
+    for acc in accounts.clone() {
+        let expect = ring.node_of(acc, |_| true).unwrap();
+        assert_eq!(holders(&all, acc, 20).await, vec![expect], "account {acc}");
+    }
+    assert_eq!(
+        client.node_of(7).map(|n| n.id),
+        ring.node_of(7, |_| true).map(|n| n as u32 + 1)
+    );
+
+    // Node 1 stops while connected: the batch's records for it go to their next nodes.
+    a.stop().await;
+    let reply = client.write_batch(&batch(30)).await.unwrap();
+    assert_eq!(reply.accepted, 600);
+    assert_eq!(reply.rerouted, owned_by(0, &|_| true));
+    assert!(!client.status()[0].up);
+    let rest = [None, Some(&b), Some(&c)];
+    for acc in accounts.clone() {
+        let expect = ring.node_of(acc, |n| n != 0).unwrap();
+        assert_eq!(holders(&rest, acc, 30).await, vec![expect], "account {acc}");
+    }
+
+    // With every node gone the call fails and says why, within the timeouts.
+    b.stop().await;
+    c.stop().await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let started = Instant::now();
+    let error = client.write_batch(&batch(40)).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let ClusterError::AllDown {
+        records,
+        last_error,
+    } = &error
+    else {
+        panic!("{error}");
+    };
+    assert_eq!(*records, 600);
+    assert!(!last_error.is_empty(), "{error}");
+    assert!(client.status().iter().all(|s| !s.up));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_fails_is_not_tried_again_within_the_same_call() {
+    // With no pause before retrying a down node, each call still gives up on it for the
+    // rest of the call and delivers everything to the live one.
+    let live = TestServer::start().await;
+    let nodes = ClusterNode::numbered(&[free_port(), live.binary_addr]);
+    let options = ClusterOptions {
+        down_retry: Duration::ZERO,
+        ..ClusterOptions::default()
+    };
+    let secret = live.config.binary.secret.clone();
+    let mut client = ClusterClient::new(&nodes, secret.as_bytes(), options).unwrap();
+    let at = now_ms() - 1_000;
+    let records: Vec<WireRecord> = (1..=200).map(|acc| record(acc, 5, at)).collect();
+    for _ in 0..3 {
+        let reply = client.write_batch(&records).await.unwrap();
+        assert_eq!(reply.accepted, 200);
+        assert!(reply.rerouted > 0);
+    }
+    assert_eq!(client.status()[0].failures, 3, "tried again once per call");
+}
