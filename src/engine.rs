@@ -10,6 +10,7 @@
 //! `store.read_timeout_ms`; a store that errs or is slow degrades the answer instead of
 //! failing it.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,6 +149,18 @@ pub struct Shared {
 #[derive(Clone)]
 pub struct Engine {
     shared: Arc<Shared>,
+}
+
+/// One profile's most recent titles ([`Engine::recent_titles`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileTitles {
+    /// Visible titles, most recent first ([`TitleEntry::recency`]).
+    pub titles: Vec<TitleEntry>,
+    /// Whether `titles` holds every visible title of the profile; otherwise only those
+    /// among its most recent `count`, and a caller needing more asks for a larger count.
+    pub complete: bool,
+    /// [`ReadSource::Store`], or [`ReadSource::Degraded`] when only memory was listed.
+    pub source: ReadSource,
 }
 
 /// What start-up replay found, plus how long it took.
@@ -342,41 +355,66 @@ impl Engine {
         }
     }
 
-    /// One profile's visible titles (at most `limit` rows from the store merged with what
-    /// memory holds, newer wins, tombstones hidden), unordered. Degrades to memory only when the store fails.
-    pub async fn list_profile(
+    /// The visible titles among one profile's `count` most recent ([`TitleEntry::recency`];
+    /// deletions count among them), most recent first: the store's `count` most recent
+    /// merged with every title memory holds for the profile, newer wins, tombstones then
+    /// dropped. Degrades to memory alone when the store fails or is slow.
+    ///
+    /// Exact, whatever the profile's size: the merged `count` most recent are the true
+    /// ones. A title among them whose newest value is in the store is among the store's
+    /// `count` most recent (its stored value is its merged value, and every title ranked
+    /// above it in the store ranks above it merged too), and one whose newest value is in
+    /// memory is in memory's full list. Any other title's merged value can only be
+    /// underestimated (its stored value unseen), which keeps it below the true ones. Past
+    /// `count`, that no longer holds, so a listing the store cut short is cut at `count`.
+    pub async fn recent_titles(
         &self,
         account_id: u64,
         profile_id: u64,
-        limit: usize,
-    ) -> (Vec<TitleEntry>, ReadSource) {
+        count: usize,
+    ) -> ProfileTitles {
         let shared = &self.shared;
         let budget = Duration::from_millis(shared.config.store.read_timeout_ms);
         let listed = tokio::time::timeout(
             budget,
-            shared.store.list_profile(account_id, profile_id, limit),
+            shared.store.recent_titles(account_id, profile_id, count),
         )
         .await;
-        let (mut entries, source) = match listed {
-            Ok(Ok(entries)) => (entries, ReadSource::Store),
-            Ok(Err(e)) => (Vec::new(), self.degraded(format_args!("{e}")).source),
+        let (stored, complete, source) = match listed {
+            Ok(Ok(listed)) => {
+                let complete = listed.is_complete();
+                (listed.titles, complete, ReadSource::Store)
+            }
+            // Degraded: memory is all there is to list.
+            Ok(Err(e)) => (Vec::new(), true, self.degraded(format_args!("{e}")).source),
             Err(_) => (
                 Vec::new(),
+                true,
                 self.degraded(format_args!("list timed out")).source,
             ),
         };
+        let mut merged: HashMap<u64, Value, foldhash::fast::RandomState> =
+            stored.iter().map(|e| (e.title_id, e.value)).collect();
         for r in shared.coalescer.profile_entries(account_id, profile_id) {
-            match entries.iter_mut().find(|e| e.title_id == r.key.title_id) {
-                Some(e) if r.value.supersedes(&e.value) => e.value = r.value,
-                Some(_) => {}
-                None => entries.push(TitleEntry {
-                    title_id: r.key.title_id,
-                    value: r.value,
-                }),
+            let held = merged.entry(r.key.title_id).or_insert(r.value);
+            if r.value.supersedes(held) {
+                *held = r.value;
             }
         }
-        entries.retain(|e| !e.value.is_tombstone());
-        (entries, source)
+        let mut titles: Vec<TitleEntry> = merged
+            .into_iter()
+            .map(|(title_id, value)| TitleEntry { title_id, value })
+            .collect();
+        titles.sort_unstable_by_key(|e| std::cmp::Reverse(e.recency()));
+        if !complete {
+            titles.truncate(count);
+        }
+        titles.retain(|e| !e.value.is_tombstone());
+        ProfileTitles {
+            titles,
+            complete,
+            source,
+        }
     }
 
     /// Runs one flush cycle now that writes every dirty key (up to
