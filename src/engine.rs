@@ -183,7 +183,8 @@ impl Engine {
     /// Background work (flush cadence, retention, log snapshots) starts with
     /// [`Engine::spawn_background`].
     pub fn open(config: Config, store: Arc<dyn Store>) -> std::io::Result<(Self, OpenReport)> {
-        let coalescer = Coalescer::new(config.coalescer.shards, config.coalescer.max_keys);
+        let coalescer = Coalescer::new(config.coalescer.shards, config.coalescer.max_keys)
+            .with_max_titles_per_profile(config.coalescer.max_titles_per_profile);
         let opts = WalOptions {
             dir: config.wal_dir(),
             sync_mode: config.wal.sync_mode,

@@ -619,7 +619,7 @@ mod tests {
             position += 1;
             let now = model::now_ms();
             let mut batch: Vec<Record> = (0..1_000)
-                .map(|t| Record::new(Key::new(3, 1, t), Value::new(position, now, 1)))
+                .map(|a| Record::new(Key::new(1_000 + a, 1, 1), Value::new(position, now, 1)))
                 .collect();
             batch.push(Record::new(playing, Value::new(position, now, 1)));
             engine.write(&batch).await.unwrap();

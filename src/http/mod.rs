@@ -433,6 +433,13 @@ pub fn render(state: &AppState) -> String {
         "New keys refused because the coalescer was full.",
         c.overloaded,
     );
+    single(
+        &mut out,
+        "playhead_coalescer_profile_full_total",
+        "counter",
+        "New titles refused because their profile held coalescer.max_titles_per_profile in memory.",
+        c.profile_full,
+    );
     head(&mut out, "playhead_coalescer_keys", "gauge", "Keys in memory: dirty (the store lacks their newest value), flushing (of those, being written by the running cycle), clean (stored, kept while the viewer plays).");
     sample(
         &mut out,
