@@ -125,8 +125,42 @@ pub struct EngineStats {
     pub flush_seconds: crate::metrics::Histogram,
     /// Flush cycles that failed because a flush task panicked (the next cycle retries).
     pub flush_panics: AtomicU64,
+    /// Whether the latest flush cycles failed: `/readyz` says so while they do.
+    pub flush_health: FlushHealth,
     pub purged_rows: AtomicU64,
     pub purge_errors: AtomicU64,
+}
+
+/// How the latest flush cycles ended. A cycle retries store errors until they pass, so
+/// one that *fails* is abnormal — a flush task panicked, or the final flush hit its
+/// deadline — and the data stays in memory and in the log, waiting for the next cycle.
+/// While the latest cycle failed, flushing counts as failing (`/readyz`: `degraded`); the
+/// next cycle that stores its pick clears it.
+#[derive(Debug, Default)]
+pub struct FlushHealth {
+    failed_in_a_row: AtomicU64,
+    /// The latest failure's message (kept after a success, read only while failing).
+    last_error: parking_lot::Mutex<String>,
+}
+
+impl FlushHealth {
+    /// Records how one cycle ended. Stopping for shutdown is neither a failure nor a success.
+    pub fn record(&self, outcome: &Result<FlushReport, FlushError>) {
+        match outcome {
+            Ok(_) => self.failed_in_a_row.store(0, Ordering::Relaxed),
+            Err(FlushError::Shutdown) => {}
+            Err(e) => {
+                *self.last_error.lock() = e.to_string();
+                self.failed_in_a_row.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// While the latest cycle failed: how many failed in a row, and the latest error.
+    pub fn failing(&self) -> Option<(u64, String)> {
+        let failed = self.failed_in_a_row.load(Ordering::Relaxed);
+        (failed > 0).then(|| (failed, self.last_error.lock().clone()))
+    }
 }
 
 /// Everything the engine's handles share.

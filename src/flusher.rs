@@ -187,8 +187,23 @@ enum Give {
 }
 
 /// Runs one cycle; `deadline` bounds the retrying (the final flush on shutdown), `None`
-/// retries until it succeeds or shutdown is signalled.
+/// retries until it succeeds or shutdown is signalled. How it ended goes into the
+/// engine's [`FlushHealth`](crate::engine::FlushHealth) (and a panic is counted), whichever
+/// step failed.
 pub async fn flush_cycle(
+    shared: &Arc<Shared>,
+    policy: Policy,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<FlushReport, FlushError> {
+    let outcome = cycle(shared, policy, deadline).await;
+    if matches!(outcome, Err(FlushError::Panicked(_))) {
+        shared.stats.flush_panics.fetch_add(1, Ordering::Relaxed);
+    }
+    shared.stats.flush_health.record(&outcome);
+    outcome
+}
+
+async fn cycle(
     shared: &Arc<Shared>,
     policy: Policy,
     deadline: Option<tokio::time::Instant>,
@@ -239,9 +254,6 @@ pub async fn flush_cycle(
             // Nothing to undo: the pick only copied, the values are still dirty in memory
             // and in the log, and the next cycle (or the next start) writes them.
             shared.coalescer.abandon(picked);
-            if matches!(e, FlushError::Panicked(_)) {
-                shared.stats.flush_panics.fetch_add(1, Ordering::Relaxed);
-            }
             Err(e)
         }
     }

@@ -742,6 +742,55 @@ async fn health_readiness_and_metrics() {
     s.stop().await;
 }
 
+/// A flush task that panics fails its cycle: `/readyz` then answers `degraded` with the
+/// flush failing (heartbeats are still taken), until a cycle stores the keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_flush_shows_in_readiness_until_a_cycle_succeeds() {
+    let s = TestServer::start().await;
+    let t = s.token(21, 1);
+    s.post_progress(&t, &progress("inception", 5, "tv", now_ms()))
+        .await;
+    let ready = s.request("GET", "/readyz", None, None).await.json();
+    assert_eq!(
+        (ready["status"].as_str(), ready["flush"].as_str()),
+        (Some("ready"), Some("ok"))
+    );
+
+    s.faults.panic_next_writes(1);
+    assert!(s.engine.flush().await.is_err(), "the cycle fails");
+    let r = s.request("GET", "/readyz", None, None).await;
+    assert_eq!(r.status, 200);
+    let body = r.json();
+    assert_eq!(body["status"], "degraded", "{body}");
+    let flush = body["flush"].as_str().unwrap();
+    assert!(
+        flush.starts_with("failing: a flush task panicked")
+            && flush.ends_with("(1 cycles in a row)"),
+        "{flush}"
+    );
+    assert_eq!(body["store"], "reachable", "the store itself answers");
+    // Still taking heartbeats meanwhile.
+    assert_eq!(
+        s.post_progress(&t, &progress("interstellar", 6, "tv", now_ms()))
+            .await
+            .status,
+        204
+    );
+
+    assert_eq!(s.engine.flush().await.unwrap().rows, 2);
+    let ready = s.request("GET", "/readyz", None, None).await.json();
+    assert_eq!(
+        (ready["status"].as_str(), ready["flush"].as_str()),
+        (Some("ready"), Some("ok"))
+    );
+    let metrics = s.request("GET", "/metrics", None, None).await.body;
+    assert!(
+        metrics.contains("playhead_flush_panics_total 1"),
+        "{metrics}"
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn connections_beyond_the_cap_are_closed_and_slow_headers_time_out() {
     let s = TestServer::start_with(|c| {
