@@ -489,6 +489,21 @@ impl Engine {
         })
     }
 
+    /// For tests of crash recovery: ends the engine as a SIGKILL would — no final flush, no
+    /// snapshot, nothing more written to or fsynced in the commit log ([`Wal::crash`]).
+    /// What was appended but not yet handed to write(2) is lost: in `periodic` mode that
+    /// can be acknowledged heartbeats (the loss window docs/reliability.md measures); in
+    /// `group` mode a heartbeat is acknowledged only after its fsync, so none. The store
+    /// keeps what flush cycles wrote. Background loops are told to stop (their runtime is
+    /// the caller's [`Background`], dropped with it). Returns the log position up to which
+    /// records reached the log's files: those come back at the next [`Engine::open`].
+    /// A real crash needs no such call; nothing but tests uses it.
+    #[doc(hidden)]
+    pub fn crash(self) -> crate::wal::Lsn {
+        self.shared.shutdown.send_replace(true);
+        self.shared.wal.crash()
+    }
+
     /// Graceful shutdown: stops the background loops, flushes everything the coalescer
     /// holds (giving up after `flush.shutdown_timeout_ms`, with the rest safe in the log),
     /// then writes and fsyncs the commit log and closes it.
