@@ -177,6 +177,8 @@ pub struct Shared {
     pub(crate) epochs: parking_lot::Mutex<flusher::Epochs>,
     /// Flipped once on shutdown; background loops watch it.
     pub(crate) shutdown: watch::Sender<bool>,
+    /// Wall-clock time for heartbeat stamps ([`Engine::now_ms`]).
+    clock: model::Clock,
 }
 
 /// The engine handle: cheap to clone, shared by every server task.
@@ -217,6 +219,15 @@ impl Engine {
     /// Background work (flush cadence, retention, log snapshots) starts with
     /// [`Engine::spawn_background`].
     pub fn open(config: Config, store: Arc<dyn Store>) -> std::io::Result<(Self, OpenReport)> {
+        Self::open_with_clock(config, store, model::Clock::System)
+    }
+
+    /// [`Engine::open`] stamping heartbeats with `clock`'s time (tests move a manual one).
+    pub fn open_with_clock(
+        config: Config,
+        store: Arc<dyn Store>,
+        clock: model::Clock,
+    ) -> std::io::Result<(Self, OpenReport)> {
         let coalescer = Coalescer::new(config.coalescer.shards, config.coalescer.max_keys)
             .with_max_titles_per_profile(config.coalescer.max_titles_per_profile);
         let opts = WalOptions {
@@ -260,6 +271,7 @@ impl Engine {
             flush_lock: tokio::sync::Mutex::new(()),
             epochs: parking_lot::Mutex::new(flusher::Epochs::new()),
             shutdown,
+            clock,
         });
         Ok((
             Self { shared },
@@ -278,6 +290,11 @@ impl Engine {
         &self.shared.config
     }
 
+    /// The time heartbeats are stamped with and the skew clamp measures from.
+    pub fn now_ms(&self) -> u64 {
+        self.shared.clock.now_ms()
+    }
+
     /// Builds the record for one heartbeat: stamps it (server time, or the client's clamped
     /// to the allowed skew) and checks it against the rules every protocol shares.
     pub fn heartbeat(
@@ -287,7 +304,7 @@ impl Engine {
         device_id: u32,
         client_timestamp_ms: Option<u64>,
     ) -> Result<Record, RejectReason> {
-        let now = model::now_ms();
+        let now = self.now_ms();
         let at = model::stamp(
             client_timestamp_ms,
             now,
@@ -305,7 +322,7 @@ impl Engine {
 
     /// The tombstone record that deletes `key` now.
     pub fn deletion(&self, key: Key) -> Record {
-        Record::new(key, Value::tombstone(model::now_ms()))
+        Record::new(key, Value::tombstone(self.now_ms()))
     }
 
     /// Takes `records` into the coalescer and the commit log and returns once they may be

@@ -93,20 +93,25 @@ async fn escaped_json_strings_mean_the_same_as_plain_ones() {
 
 #[tokio::test]
 async fn future_client_timestamps_are_clamped() {
-    let s = TestServer::start().await;
+    let clock = playhead::model::Clock::manual(now_ms());
+    let s = TestServer::start_with_clock(clock.clone(), |_| {}).await;
     let t = s.token(11, 1);
     // A device with a clock a day ahead cannot pin its value above later heartbeats forever.
-    let far = now_ms() + 86_400_000;
+    let far = clock.now_ms() + 86_400_000;
     assert_eq!(
         s.post_progress(&t, &progress("inception", 100, "skewed", far))
             .await
             .status,
         204
     );
-    tokio::time::sleep(Duration::from_millis(
-        s.config.ingest.max_clock_skew_ms + 50,
-    ))
-    .await;
+    let r = s.resume(&t, "inception").await;
+    assert_eq!(
+        r["updated_at_ms"].as_u64(),
+        Some(clock.now_ms() + s.config.ingest.max_clock_skew_ms),
+        "clamped to the server's time plus the allowance"
+    );
+    // Once the allowance has passed, a heartbeat stamped by the server wins.
+    clock.advance_ms(s.config.ingest.max_clock_skew_ms + 50);
     assert_eq!(
         s.post_progress(
             &t,
@@ -118,7 +123,7 @@ async fn future_client_timestamps_are_clamped() {
     );
     let r = s.resume(&t, "inception").await;
     assert_eq!(r["resume_position_seconds"], 200);
-    assert!(r["updated_at_ms"].as_u64().unwrap() <= now_ms());
+    assert_eq!(r["updated_at_ms"].as_u64(), Some(clock.now_ms()));
     s.stop().await;
 }
 
