@@ -128,10 +128,17 @@ pub struct Verifier {
     eddsa: Vec<DecodingKey>,
     leeway_seconds: u64,
     accepted: String,
+    /// The time `exp` and `nbf` are checked against (cached and uncached tokens alike).
+    clock: crate::model::Clock,
 }
 
 impl Verifier {
     pub fn from_config(config: &AuthConfig) -> Result<Self, KeyError> {
+        Self::with_clock(config, crate::model::Clock::System)
+    }
+
+    /// [`Verifier::from_config`] checking `exp` and `nbf` against `clock`.
+    pub fn with_clock(config: &AuthConfig, clock: crate::model::Clock) -> Result<Self, KeyError> {
         let load =
             |path: &PathBuf, parse: fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>| {
                 let pem = std::fs::read(path).map_err(|e| KeyError {
@@ -177,6 +184,7 @@ impl Verifier {
             } else {
                 accepted.join(", ")
             },
+            clock,
         })
     }
 
@@ -207,7 +215,7 @@ impl Verifier {
         let cacheable = token.len() <= MAX_CACHED_TOKEN_BYTES && self.tokens_per_shard > 0;
         let shard = &self.cache[foldhash_shard(token)];
         if cacheable {
-            let now_s = crate::model::now_ms() / 1_000;
+            let now_s = self.clock.now_ms() / 1_000;
             let mut cached = shard.lock();
             if let Some(&(principal, exp)) = cached.get(token) {
                 if now_s <= exp.saturating_add(self.leeway_seconds) {
@@ -240,13 +248,16 @@ impl Verifier {
             return Err(AuthError::Algorithm(self.accepted.clone()));
         }
         let mut validation = Validation::new(header.alg);
-        validation.leeway = self.leeway_seconds;
-        validation.validate_nbf = true;
+        // `exp` stays required; it and `nbf` are checked below against `self.clock`, by
+        // the same rules jsonwebtoken applies (expired once `exp + leeway` is past).
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.set_required_spec_claims(&["exp"]);
         let mut last = AuthError::Signature;
         for key in keys {
             match jsonwebtoken::decode::<Claims>(token, key, &validation) {
                 Ok(data) => {
+                    self.check_times(&data.claims)?;
                     let principal = Principal {
                         account_id: data.claims.account_id,
                         profile_id: data.claims.profile_id,
@@ -262,6 +273,23 @@ impl Verifier {
             }
         }
         Err(last)
+    }
+}
+
+impl Verifier {
+    /// `exp` and `nbf` against the clock, with the configured leeway.
+    fn check_times(&self, claims: &Claims) -> Result<(), AuthError> {
+        let now_s = self.clock.now_ms() / 1_000;
+        if claims.exp.saturating_add(self.leeway_seconds) < now_s {
+            return Err(AuthError::Expired);
+        }
+        if claims
+            .nbf
+            .is_some_and(|nbf| nbf > now_s.saturating_add(self.leeway_seconds))
+        {
+            return Err(AuthError::NotYetValid);
+        }
+        Ok(())
     }
 }
 
@@ -343,19 +371,31 @@ mod tests {
         crate::model::now_ms() / 1_000 + 3_600
     }
 
+    /// A verifier on a clock the test moves, standing at the real time now (tokens are
+    /// minted against the real time).
+    fn verifier_at_now(leeway_seconds: u64, cache: usize) -> (Verifier, crate::model::Clock) {
+        let clock = crate::model::Clock::manual(crate::model::now_ms());
+        let config = AuthConfig {
+            leeway_seconds,
+            verified_token_cache: cache,
+            ..AuthConfig::default()
+        };
+        (Verifier::with_clock(&config, clock.clone()).unwrap(), clock)
+    }
+
     #[test]
     fn a_remembered_token_still_expires() {
-        let v = Verifier::from_config(&AuthConfig {
-            leeway_seconds: 0,
-            ..AuthConfig::default()
-        })
-        .unwrap();
+        let (v, clock) = verifier_at_now(0, DEFAULT_VERIFIED_TOKENS);
         let t = mint_hs256(DEV_SECRET, 1, 2, 1).unwrap();
         assert!(v.verify(&t).is_ok());
         assert!(v.verify(&t).is_ok(), "served from the cache");
-        std::thread::sleep(std::time::Duration::from_millis(2_100));
-        assert_eq!(v.verify(&t), Err(AuthError::Expired));
-        assert_eq!(v.verify(&t), Err(AuthError::Expired));
+        clock.advance_ms(2_100);
+        assert_eq!(v.verify(&t), Err(AuthError::Expired), "the cached token");
+        assert_eq!(
+            v.verify(&t),
+            Err(AuthError::Expired),
+            "verified again in full"
+        );
         // A forged token that differs in one byte is never a cache hit.
         let good = mint_hs256(DEV_SECRET, 1, 2, 60).unwrap();
         assert!(v.verify(&good).is_ok());
@@ -363,6 +403,28 @@ mod tests {
         let last = forged.len() - 1;
         forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
         assert!(v.verify(std::str::from_utf8(&forged).unwrap()).is_err());
+    }
+
+    /// Without the cache, `exp` and `nbf` are checked against the verifier's clock too,
+    /// with the leeway on both sides.
+    #[test]
+    fn expiry_and_not_before_follow_the_clock() {
+        let (v, clock) = verifier_at_now(30, 0);
+        let now_s = clock.now_ms() / 1_000;
+        let t = mint_hs256(DEV_SECRET, 1, 2, 60).unwrap();
+        assert!(v.verify(&t).is_ok());
+        clock.advance_ms(89_000);
+        assert!(v.verify(&t).is_ok(), "within exp + leeway");
+        clock.advance_ms(5_000);
+        assert_eq!(v.verify(&t), Err(AuthError::Expired));
+        let (v, clock) = verifier_at_now(30, 0);
+        let early = hs256(
+            serde_json::json!({"account_id": 1, "profile_id": 1, "exp": now_s + 3_600, "nbf": now_s + 100}),
+            DEV_SECRET,
+        );
+        assert_eq!(v.verify(&early), Err(AuthError::NotYetValid));
+        clock.advance_ms(71_000);
+        assert!(v.verify(&early).is_ok(), "nbf - leeway passed");
     }
 
     #[test]

@@ -342,7 +342,7 @@ impl Connection {
                 ),
             ));
         }
-        let now = model::now_ms();
+        let now = self.state.engine.now_ms();
         self.records.clear();
         let mut rejections = Vec::new();
         for (index, wire) in Frame::records(records).enumerate() {

@@ -49,11 +49,16 @@ pub const REPLAYED_EPOCH: u32 = 0;
 /// The first live epoch.
 pub const FIRST_EPOCH: u32 = 1;
 
-/// Refusal to take a new key: the coalescer is at its configured bound.
+/// Refusal to take a new key: the coalescer, or the key's profile, is at its bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("overloaded: the coalescer holds its maximum of {max_keys} keys; retry later")]
-pub struct Overloaded {
-    pub max_keys: usize,
+pub enum Overloaded {
+    #[error("overloaded: the coalescer holds its maximum of {max_keys} keys; retry later")]
+    Keys { max_keys: usize },
+    #[error(
+        "overloaded: this profile holds {max_titles} titles in memory, the most a profile \
+         may; retry once some are flushed"
+    )]
+    ProfileTitles { max_titles: usize },
 }
 
 /// What an upsert did.
@@ -74,6 +79,8 @@ pub struct CoalescerStats {
     pub superseded: u64,
     pub stale: u64,
     pub overloaded: u64,
+    /// New titles refused because their profile held `max_titles_per_profile` in memory.
+    pub profile_full: u64,
     /// Keys whose newest value the store does not have yet (the running flush's included).
     pub dirty_keys: u64,
     /// Keys the running flush is writing.
@@ -272,6 +279,9 @@ pub struct Coalescer {
     /// no shared counter on the hot path. The hash spreads keys evenly, so the bound is tight.
     max_keys_per_shard: usize,
     max_keys: usize,
+    /// A new title whose probe is [`crowded`](crate::keymap::Vacant::crowded) is refused
+    /// when its profile already holds this many titles (see [`Coalescer::upsert`]).
+    max_titles_per_profile: usize,
     /// The current flush epoch (see the module documentation). Written by the flusher only,
     /// with `Release` after it sealed the log; read with `Acquire` by upserts.
     epoch: AtomicU32,
@@ -304,9 +314,18 @@ impl Coalescer {
             shard_hasher: Hasher::default(),
             max_keys_per_shard: max_keys.div_ceil(shards),
             max_keys,
+            max_titles_per_profile: usize::MAX,
             epoch: AtomicU32::new(FIRST_EPOCH),
             flushing: AtomicUsize::new(0),
         }
+    }
+
+    /// Bounds the titles one profile may hold in memory (`coalescer.max_titles_per_profile`;
+    /// unbounded by default). See [`Coalescer::upsert`].
+    pub fn with_max_titles_per_profile(mut self, max_titles: usize) -> Self {
+        assert!(max_titles >= 1, "max_titles_per_profile must be at least 1");
+        self.max_titles_per_profile = max_titles;
+        self
     }
 
     fn shard_index(&self, key: &Key) -> usize {
@@ -328,6 +347,15 @@ impl Coalescer {
     }
 
     /// Keeps `record` if it is newer than what memory holds for its key.
+    ///
+    /// Refuses a new key when its shard is at its share of `max_keys`, or when its profile
+    /// already holds `max_titles_per_profile` titles *and* the key's probe is crowded. A
+    /// profile's titles share a window of the table ([`crate::keymap`]), so a profile with
+    /// many of them grows a run that every key near it probes through; counting the
+    /// profile's titles only when a probe runs long keeps the common insert free of the
+    /// count, and bounds every long run by the profile that makes it: no insert ends a
+    /// probe of more than [`crate::keymap::CROWDED_PROBE`] slots for a profile at its bound.
+    /// A profile below the bound is never refused.
     pub fn upsert(&self, record: &Record) -> Result<Upsert, Overloaded> {
         let located = self.locate(record);
         self.upsert_located(&located, true, self.epoch())
@@ -409,7 +437,7 @@ impl Coalescer {
     #[inline]
     fn locate<'a>(&self, record: &'a Record) -> Located<'a> {
         let shard = self.shard_index(&record.key);
-        let hash = self.map_hasher.hash_one(record.key);
+        let hash = crate::keymap::placement_hash(&self.map_hasher, &record.key);
         self.shards[shard].prefetch(hash);
         Located {
             record,
@@ -446,8 +474,14 @@ impl Coalescer {
             Entry::Vacant(vacant) => {
                 if bounded && held >= self.max_keys_per_shard {
                     shard.stats.overloaded += 1;
-                    return Err(Overloaded {
+                    return Err(Overloaded::Keys {
                         max_keys: self.max_keys,
+                    });
+                }
+                if bounded && vacant.crowded() && self.profile_is_full(vacant.map(), &record.key) {
+                    shard.stats.profile_full += 1;
+                    return Err(Overloaded::ProfileTitles {
+                        max_titles: self.max_titles_per_profile,
                     });
                 }
                 let grew = vacant.insert(record.key, Held::new(record.value, Meta::dirty(epoch)));
@@ -466,6 +500,13 @@ impl Coalescer {
         Ok(outcome)
     }
 
+    /// Whether `key`'s profile holds `max_titles_per_profile` titles in `map` (the slow
+    /// path of an insert whose probe was crowded).
+    #[cold]
+    fn profile_is_full(&self, map: &ShardMap, key: &Key) -> bool {
+        map.profile_holds_at_least(key.account_id, key.profile_id, self.max_titles_per_profile)
+    }
+
     /// The newest value memory holds for `key` (a tombstone included), or `None` when only
     /// the store can know.
     pub fn get(&self, key: &Key) -> Option<crate::model::Value> {
@@ -473,17 +514,19 @@ impl Coalescer {
         shard.map.get(key).map(|held| held.value)
     }
 
-    /// Values memory holds for one profile, newest per title. O(keys in one shard): for
-    /// overlaying recent writes on a store listing, not for a hot path.
+    /// Values memory holds for one profile, newest per title. Reads the profile's window
+    /// of one shard's table under its lock ([`crate::keymap::KeyMap::for_each_in_profile`]:
+    /// ~90 slots, ~4 KB, for the usual profile), never the whole shard.
     pub fn profile_entries(&self, account_id: u64, profile_id: u64) -> Vec<Record> {
         let probe = Key::new(account_id, profile_id, 0);
         let shard = self.shards[self.shard_index(&probe)].lock();
+        let mut out = Vec::new();
         shard
             .map
-            .iter()
-            .filter(|(k, _)| k.account_id == account_id && k.profile_id == profile_id)
-            .map(|(k, held)| Record::new(k, held.value))
-            .collect()
+            .for_each_in_profile(account_id, profile_id, |k, held| {
+                out.push(Record::new(k, held.value));
+            });
+        out
     }
 
     /// Starts a flush cycle's write: copies the dirty keys `pick` selects, evicts clean
@@ -549,7 +592,7 @@ impl Coalescer {
     pub fn mark_stored(&self, picked: &Picked) {
         for record in &picked.records {
             let cell = &self.shards[self.shard_index(&record.key)];
-            let hash = self.map_hasher.hash_one(record.key);
+            let hash = crate::keymap::placement_hash(&self.map_hasher, &record.key);
             let mut guard = cell.lock();
             let shard = &mut *guard;
             let idle = match shard.map.entry_hashed(hash, &record.key) {
@@ -613,6 +656,7 @@ impl Coalescer {
             total.superseded += s.superseded;
             total.stale += s.stale;
             total.overloaded += s.overloaded;
+            total.profile_full += s.profile_full;
             total.evicted += s.evicted;
             total.dirty_keys += shard.dirty as u64;
             total.clean_keys += (shard.map.len() - shard.dirty) as u64;
@@ -882,7 +926,10 @@ mod tests {
         let c = Coalescer::new(1, 2);
         c.upsert(&rec(1, 1, 1, 1)).unwrap();
         c.upsert(&rec(2, 1, 1, 1)).unwrap();
-        assert_eq!(c.upsert(&rec(3, 1, 1, 1)), Err(Overloaded { max_keys: 2 }));
+        assert_eq!(
+            c.upsert(&rec(3, 1, 1, 1)),
+            Err(Overloaded::Keys { max_keys: 2 })
+        );
         assert_eq!(c.upsert(&rec(1, 2, 2, 1)), Ok(Upsert::Superseded));
         assert_eq!(c.upsert_unbounded(&rec(3, 1, 1, 1)), Upsert::Inserted);
         assert_eq!(c.stats().overloaded, 1);
@@ -910,6 +957,90 @@ mod tests {
         let mut mine = c.profile_entries(1, 1);
         mine.sort_by_key(|r| r.key.title_id);
         assert_eq!(mine, vec![rec(1, 5, 11, 1), rec(2, 1, 10, 1)]);
+    }
+
+    /// Mean slots a lookup of each of `keys` reads in `c`'s only shard (for an absent key:
+    /// what its insert's probe reads).
+    fn mean_probe(c: &Coalescer, keys: &[Key]) -> f64 {
+        let shard = c.shards[0].lock();
+        let total: usize = keys.iter().map(|k| shard.map.probe_slots(k)).sum();
+        total as f64 / keys.len() as f64
+    }
+
+    /// One profile writing thousands of titles: past `max_titles_per_profile` its new
+    /// titles are refused, so the keys that arrive after it — wherever their home is, near
+    /// its window included — cost what they cost without it (mean probe within 50 %, for
+    /// keys inserted and for absent keys). Without the bound the same profile grows a run of
+    /// tens of thousands of slots that makes them many times dearer. Other profiles' new
+    /// keys are never refused.
+    #[test]
+    fn a_profile_writing_thousands_of_titles_is_bounded_and_spares_its_neighbours() {
+        let run = |max_titles: usize, adversary: bool| {
+            let c = Coalescer::new(1, 10_000_000).with_max_titles_per_profile(max_titles);
+            for a in 0..200_000u64 {
+                c.upsert(&Record::new(Key::new(a, 1, 7), Value::new(1, 1, 1)))
+                    .unwrap();
+            }
+            let mut accepted = 0;
+            for t in (0..10_000u64).filter(|_| adversary) {
+                let r = Record::new(Key::new(9_999_999, 1, t), Value::new(1, 1, 1));
+                match c.upsert(&r) {
+                    Ok(_) => accepted += 1,
+                    Err(e) => assert_eq!(e, Overloaded::ProfileTitles { max_titles }),
+                }
+            }
+            let later: Vec<Key> = (0..20_000u64)
+                .map(|a| Key::new(500_000 + a, 2, 1))
+                .collect();
+            for k in &later {
+                c.upsert(&Record::new(*k, Value::new(1, 1, 1))).unwrap();
+            }
+            let absent: Vec<Key> = (0..20_000u64)
+                .map(|a| Key::new(800_000 + a, 2, 1))
+                .collect();
+            let probes = (mean_probe(&c, &later), mean_probe(&c, &absent));
+            (accepted, probes, c.stats().profile_full)
+        };
+        let (_, baseline, _) = run(64, false);
+        let (accepted, bounded, refused) = run(64, true);
+        assert!((64..=200).contains(&accepted), "{accepted} titles taken");
+        assert_eq!(refused, 10_000 - accepted as u64);
+        let (all, unbounded, _) = run(usize::MAX, true);
+        assert_eq!(all, 10_000);
+        let shown = format!("mean probes (inserted, absent): without the profile {baseline:.1?}, bounded {bounded:.1?}, unbounded {unbounded:.1?}");
+        assert!(
+            bounded.0 < baseline.0 * 1.5 && bounded.1 < baseline.1 * 1.5,
+            "{shown}"
+        );
+        assert!(
+            unbounded.0 > baseline.0 * 5.0 && unbounded.1 > baseline.1 * 5.0,
+            "{shown}"
+        );
+        println!("{shown}");
+    }
+
+    /// A profile's titles come from its window of the table, across shards and growth.
+    #[test]
+    fn profile_entries_find_every_title_among_many_profiles() {
+        let c = Coalescer::new(4, 1_000_000);
+        for a in 0..20_000u64 {
+            for t in 0..a % 4 {
+                c.upsert(&Record::new(
+                    Key::new(a, a % 3, t),
+                    Value::new(t as u32, a, 1),
+                ))
+                .unwrap();
+            }
+        }
+        for a in (0..20_000u64).step_by(37) {
+            let mut got = c.profile_entries(a, a % 3);
+            got.sort_by_key(|r| r.key.title_id);
+            let want: Vec<Record> = (0..a % 4)
+                .map(|t| Record::new(Key::new(a, a % 3, t), Value::new(t as u32, a, 1)))
+                .collect();
+            assert_eq!(got, want, "account {a}");
+            assert!(c.profile_entries(a, a % 3 + 1).is_empty());
+        }
     }
 
     #[test]

@@ -224,6 +224,12 @@ pub struct CoalescerConfig {
     /// Most keys held in memory at once (unflushed plus being flushed). Past it, writes
     /// are refused with "overloaded" instead of growing without bound.
     pub max_keys: usize,
+    /// Titles one profile may hold in memory before a new one may be refused with
+    /// "overloaded" (docs/architecture.md, "A profile's titles live together"): a viewer
+    /// plays one title at a time, and a profile's titles stay in memory only until they go
+    /// idle and are stored. Bounds what one profile writing thousands of titles costs the
+    /// keys around it.
+    pub max_titles_per_profile: usize,
 }
 
 impl Default for CoalescerConfig {
@@ -231,6 +237,7 @@ impl Default for CoalescerConfig {
         Self {
             shards: 64,
             max_keys: 48_000_000,
+            max_titles_per_profile: 64,
         }
     }
 }
@@ -726,6 +733,12 @@ impl Config {
             "coalescer.max_keys",
             c.max_keys,
             c.max_keys >= 1,
+            "at least 1",
+        )?;
+        check(
+            "coalescer.max_titles_per_profile",
+            c.max_titles_per_profile,
+            c.max_titles_per_profile >= 1,
             "at least 1",
         )?;
         let w = &self.wal;

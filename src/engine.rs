@@ -10,6 +10,7 @@
 //! `store.read_timeout_ms`; a store that errs or is slow degrades the answer instead of
 //! failing it.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,8 +125,42 @@ pub struct EngineStats {
     pub flush_seconds: crate::metrics::Histogram,
     /// Flush cycles that failed because a flush task panicked (the next cycle retries).
     pub flush_panics: AtomicU64,
+    /// Whether the latest flush cycles failed: `/readyz` says so while they do.
+    pub flush_health: FlushHealth,
     pub purged_rows: AtomicU64,
     pub purge_errors: AtomicU64,
+}
+
+/// How the latest flush cycles ended. A cycle retries store errors until they pass, so
+/// one that *fails* is abnormal — a flush task panicked, or the final flush hit its
+/// deadline — and the data stays in memory and in the log, waiting for the next cycle.
+/// While the latest cycle failed, flushing counts as failing (`/readyz`: `degraded`); the
+/// next cycle that stores its pick clears it.
+#[derive(Debug, Default)]
+pub struct FlushHealth {
+    failed_in_a_row: AtomicU64,
+    /// The latest failure's message (kept after a success, read only while failing).
+    last_error: parking_lot::Mutex<String>,
+}
+
+impl FlushHealth {
+    /// Records how one cycle ended. Stopping for shutdown is neither a failure nor a success.
+    pub fn record(&self, outcome: &Result<FlushReport, FlushError>) {
+        match outcome {
+            Ok(_) => self.failed_in_a_row.store(0, Ordering::Relaxed),
+            Err(FlushError::Shutdown) => {}
+            Err(e) => {
+                *self.last_error.lock() = e.to_string();
+                self.failed_in_a_row.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// While the latest cycle failed: how many failed in a row, and the latest error.
+    pub fn failing(&self) -> Option<(u64, String)> {
+        let failed = self.failed_in_a_row.load(Ordering::Relaxed);
+        (failed > 0).then(|| (failed, self.last_error.lock().clone()))
+    }
 }
 
 /// Everything the engine's handles share.
@@ -142,12 +177,26 @@ pub struct Shared {
     pub(crate) epochs: parking_lot::Mutex<flusher::Epochs>,
     /// Flipped once on shutdown; background loops watch it.
     pub(crate) shutdown: watch::Sender<bool>,
+    /// Wall-clock time for heartbeat stamps ([`Engine::now_ms`]).
+    clock: model::Clock,
 }
 
 /// The engine handle: cheap to clone, shared by every server task.
 #[derive(Clone)]
 pub struct Engine {
     shared: Arc<Shared>,
+}
+
+/// One profile's most recent titles ([`Engine::recent_titles`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileTitles {
+    /// Visible titles, most recent first ([`TitleEntry::recency`]).
+    pub titles: Vec<TitleEntry>,
+    /// Whether `titles` holds every visible title of the profile; otherwise only those
+    /// among its most recent `count`, and a caller needing more asks for a larger count.
+    pub complete: bool,
+    /// [`ReadSource::Store`], or [`ReadSource::Degraded`] when only memory was listed.
+    pub source: ReadSource,
 }
 
 /// What start-up replay found, plus how long it took.
@@ -170,7 +219,17 @@ impl Engine {
     /// Background work (flush cadence, retention, log snapshots) starts with
     /// [`Engine::spawn_background`].
     pub fn open(config: Config, store: Arc<dyn Store>) -> std::io::Result<(Self, OpenReport)> {
-        let coalescer = Coalescer::new(config.coalescer.shards, config.coalescer.max_keys);
+        Self::open_with_clock(config, store, model::Clock::System)
+    }
+
+    /// [`Engine::open`] stamping heartbeats with `clock`'s time (tests move a manual one).
+    pub fn open_with_clock(
+        config: Config,
+        store: Arc<dyn Store>,
+        clock: model::Clock,
+    ) -> std::io::Result<(Self, OpenReport)> {
+        let coalescer = Coalescer::new(config.coalescer.shards, config.coalescer.max_keys)
+            .with_max_titles_per_profile(config.coalescer.max_titles_per_profile);
         let opts = WalOptions {
             dir: config.wal_dir(),
             sync_mode: config.wal.sync_mode,
@@ -212,6 +271,7 @@ impl Engine {
             flush_lock: tokio::sync::Mutex::new(()),
             epochs: parking_lot::Mutex::new(flusher::Epochs::new()),
             shutdown,
+            clock,
         });
         Ok((
             Self { shared },
@@ -230,6 +290,11 @@ impl Engine {
         &self.shared.config
     }
 
+    /// The time heartbeats are stamped with and the skew clamp measures from.
+    pub fn now_ms(&self) -> u64 {
+        self.shared.clock.now_ms()
+    }
+
     /// Builds the record for one heartbeat: stamps it (server time, or the client's clamped
     /// to the allowed skew) and checks it against the rules every protocol shares.
     pub fn heartbeat(
@@ -239,7 +304,7 @@ impl Engine {
         device_id: u32,
         client_timestamp_ms: Option<u64>,
     ) -> Result<Record, RejectReason> {
-        let now = model::now_ms();
+        let now = self.now_ms();
         let at = model::stamp(
             client_timestamp_ms,
             now,
@@ -257,7 +322,7 @@ impl Engine {
 
     /// The tombstone record that deletes `key` now.
     pub fn deletion(&self, key: Key) -> Record {
-        Record::new(key, Value::tombstone(model::now_ms()))
+        Record::new(key, Value::tombstone(self.now_ms()))
     }
 
     /// Takes `records` into the coalescer and the commit log and returns once they may be
@@ -342,41 +407,66 @@ impl Engine {
         }
     }
 
-    /// One profile's visible titles (at most `limit` rows from the store merged with what
-    /// memory holds, newer wins, tombstones hidden), unordered. Degrades to memory only when the store fails.
-    pub async fn list_profile(
+    /// The visible titles among one profile's `count` most recent ([`TitleEntry::recency`];
+    /// deletions count among them), most recent first: the store's `count` most recent
+    /// merged with every title memory holds for the profile, newer wins, tombstones then
+    /// dropped. Degrades to memory alone when the store fails or is slow.
+    ///
+    /// Exact, whatever the profile's size: the merged `count` most recent are the true
+    /// ones. A title among them whose newest value is in the store is among the store's
+    /// `count` most recent (its stored value is its merged value, and every title ranked
+    /// above it in the store ranks above it merged too), and one whose newest value is in
+    /// memory is in memory's full list. Any other title's merged value can only be
+    /// underestimated (its stored value unseen), which keeps it below the true ones. Past
+    /// `count`, that no longer holds, so a listing the store cut short is cut at `count`.
+    pub async fn recent_titles(
         &self,
         account_id: u64,
         profile_id: u64,
-        limit: usize,
-    ) -> (Vec<TitleEntry>, ReadSource) {
+        count: usize,
+    ) -> ProfileTitles {
         let shared = &self.shared;
         let budget = Duration::from_millis(shared.config.store.read_timeout_ms);
         let listed = tokio::time::timeout(
             budget,
-            shared.store.list_profile(account_id, profile_id, limit),
+            shared.store.recent_titles(account_id, profile_id, count),
         )
         .await;
-        let (mut entries, source) = match listed {
-            Ok(Ok(entries)) => (entries, ReadSource::Store),
-            Ok(Err(e)) => (Vec::new(), self.degraded(format_args!("{e}")).source),
+        let (stored, complete, source) = match listed {
+            Ok(Ok(listed)) => {
+                let complete = listed.is_complete();
+                (listed.titles, complete, ReadSource::Store)
+            }
+            // Degraded: memory is all there is to list.
+            Ok(Err(e)) => (Vec::new(), true, self.degraded(format_args!("{e}")).source),
             Err(_) => (
                 Vec::new(),
+                true,
                 self.degraded(format_args!("list timed out")).source,
             ),
         };
+        let mut merged: HashMap<u64, Value, foldhash::fast::RandomState> =
+            stored.iter().map(|e| (e.title_id, e.value)).collect();
         for r in shared.coalescer.profile_entries(account_id, profile_id) {
-            match entries.iter_mut().find(|e| e.title_id == r.key.title_id) {
-                Some(e) if r.value.supersedes(&e.value) => e.value = r.value,
-                Some(_) => {}
-                None => entries.push(TitleEntry {
-                    title_id: r.key.title_id,
-                    value: r.value,
-                }),
+            let held = merged.entry(r.key.title_id).or_insert(r.value);
+            if r.value.supersedes(held) {
+                *held = r.value;
             }
         }
-        entries.retain(|e| !e.value.is_tombstone());
-        (entries, source)
+        let mut titles: Vec<TitleEntry> = merged
+            .into_iter()
+            .map(|(title_id, value)| TitleEntry { title_id, value })
+            .collect();
+        titles.sort_unstable_by_key(|e| std::cmp::Reverse(e.recency()));
+        if !complete {
+            titles.truncate(count);
+        }
+        titles.retain(|e| !e.value.is_tombstone());
+        ProfileTitles {
+            titles,
+            complete,
+            source,
+        }
     }
 
     /// Runs one flush cycle now that writes every dirty key (up to
@@ -414,6 +504,21 @@ impl Engine {
             handles,
             runtime: Some(runtime),
         })
+    }
+
+    /// For tests of crash recovery: ends the engine as a SIGKILL would — no final flush, no
+    /// snapshot, nothing more written to or fsynced in the commit log ([`Wal::crash`]).
+    /// What was appended but not yet handed to write(2) is lost: in `periodic` mode that
+    /// can be acknowledged heartbeats (the loss window docs/reliability.md measures); in
+    /// `group` mode a heartbeat is acknowledged only after its fsync, so none. The store
+    /// keeps what flush cycles wrote. Background loops are told to stop (their runtime is
+    /// the caller's [`Background`], dropped with it). Returns the log position up to which
+    /// records reached the log's files: those come back at the next [`Engine::open`].
+    /// A real crash needs no such call; nothing but tests uses it.
+    #[doc(hidden)]
+    pub fn crash(self) -> crate::wal::Lsn {
+        self.shared.shutdown.send_replace(true);
+        self.shared.wal.crash()
     }
 
     /// Graceful shutdown: stops the background loops, flushes everything the coalescer

@@ -187,8 +187,23 @@ enum Give {
 }
 
 /// Runs one cycle; `deadline` bounds the retrying (the final flush on shutdown), `None`
-/// retries until it succeeds or shutdown is signalled.
+/// retries until it succeeds or shutdown is signalled. How it ended goes into the
+/// engine's [`FlushHealth`](crate::engine::FlushHealth) (and a panic is counted), whichever
+/// step failed.
 pub async fn flush_cycle(
+    shared: &Arc<Shared>,
+    policy: Policy,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<FlushReport, FlushError> {
+    let outcome = cycle(shared, policy, deadline).await;
+    if matches!(outcome, Err(FlushError::Panicked(_))) {
+        shared.stats.flush_panics.fetch_add(1, Ordering::Relaxed);
+    }
+    shared.stats.flush_health.record(&outcome);
+    outcome
+}
+
+async fn cycle(
     shared: &Arc<Shared>,
     policy: Policy,
     deadline: Option<tokio::time::Instant>,
@@ -239,9 +254,6 @@ pub async fn flush_cycle(
             // Nothing to undo: the pick only copied, the values are still dirty in memory
             // and in the log, and the next cycle (or the next start) writes them.
             shared.coalescer.abandon(picked);
-            if matches!(e, FlushError::Panicked(_)) {
-                shared.stats.flush_panics.fetch_add(1, Ordering::Relaxed);
-            }
             Err(e)
         }
     }
@@ -619,7 +631,7 @@ mod tests {
             position += 1;
             let now = model::now_ms();
             let mut batch: Vec<Record> = (0..1_000)
-                .map(|t| Record::new(Key::new(3, 1, t), Value::new(position, now, 1)))
+                .map(|a| Record::new(Key::new(1_000 + a, 1, 1), Value::new(position, now, 1)))
                 .collect();
             batch.push(Record::new(playing, Value::new(position, now, 1)));
             engine.write(&batch).await.unwrap();

@@ -6,9 +6,9 @@
 //! between 44 % and 87.5 % full, i.e. 50–100 bytes per key (86 measured at 1 M keys for
 //! 40-byte entries); a lookup also touches two cache lines (control bytes, then the entry).
 //! Here:
-//! - entries live inline in one array, found by linear probing from `fastrange(hash)`, so a
-//!   lookup reads a few consecutive cache lines, known from the hash alone, which batch
-//!   upserts prefetch before they take the lock ([`Location`]);
+//! - entries live inline in one array, found by linear probing from a home slot known from
+//!   the hash alone (see below), so a lookup reads a few consecutive cache lines, which
+//!   batch upserts prefetch before they take the lock ([`Location`]);
 //! - capacity is any size, grown by 1.25× at 85 % full, so the table runs between 68 % and
 //!   85 % full: 52–65 bytes per key, plus one occupancy bit per slot;
 //! - a slot is 44 bytes, not 48: it is packed to 4-byte alignment (the 24-byte key, the
@@ -16,6 +16,17 @@
 //!
 //! Removal is backward-shift deletion, so linear probing still needs no tombstones: a probe
 //! stops at the first free slot.
+//!
+//! **A profile's titles live together.** A key's home slot is chosen by its profile
+//! `(account_id, profile_id)` plus a small offset from its title, below
+//! [`PROFILE_WINDOW`]: so every title of a profile lies between its profile's base slot and
+//! the first free slot at least `PROFILE_WINDOW` slots after it, and
+//! [`KeyMap::for_each_in_profile`] finds them all by reading that stretch — about
+//! `PROFILE_WINDOW` plus one probe's worth of slots (~90 slots, ~4 KB at 85 % full) —
+//! instead of the whole table. For the usual profile (a title or a few in memory) the homes
+//! are as spread as a hash of the whole key would make them. A profile with many titles in
+//! memory crowds its window, and its surplus forms a run that every key near it must probe
+//! through: the coalescer bounds that ([`KeyMap::crowded`]).
 
 use std::hash::BuildHasher;
 
@@ -34,6 +45,14 @@ const MIN_CAPACITY: usize = 16;
 /// server (1 M keys, 15 s runs alternated, BENCHMARKS.md, 40-byte slots then): one line
 /// 7.9–8.2 M heartbeats/s, two 9.1–10.4 M, three 10.3–10.8 M, four 9.7–10.9 M.
 const PREFETCH_LINES: usize = 3;
+/// Slots over which one profile's titles have their homes (a power of two). Wide enough
+/// that a profile's few titles hardly ever share a home, narrow enough that listing a
+/// profile reads a few KB.
+pub const PROFILE_WINDOW: usize = 64;
+const WINDOW_MASK: u64 = PROFILE_WINDOW as u64 - 1;
+/// A probe longer than this ends in a run far longer than chance makes at 85 % load (the
+/// mean probe for an absent key is ~23 slots there): [`KeyMap::crowded`].
+pub const CROWDED_PROBE: usize = 2 * PROFILE_WINDOW;
 
 /// A key's flush state, 4 bytes: the flush epoch in which its value was written, and
 /// whether the store still lacks that value (dirty). See [`crate::coalescer`].
@@ -160,11 +179,11 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
         &self.hasher
     }
 
-    /// The hash every lookup of `key` starts from; the `*_hashed` methods take it
-    /// precomputed so a caller can prefetch first (see [`Location`]).
+    /// The hash every lookup of `key` starts from ([`placement_hash`]); the `*_hashed`
+    /// methods take it precomputed so a caller can prefetch first (see [`Location`]).
     #[inline]
     pub fn hash(&self, key: &Key) -> u64 {
-        self.hasher.hash_one(key)
+        placement_hash(&self.hasher, key)
     }
 
     #[inline]
@@ -336,6 +355,85 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
         self.len += 1;
     }
 
+    /// Calls `f` with every key of the profile `(account_id, profile_id)` and what it
+    /// holds. Reads from the profile's base slot to the first free slot at least
+    /// [`PROFILE_WINDOW`] slots on (see the module documentation): every title of the
+    /// profile has its home in that window and lies, with every slot between, in one run
+    /// from its home, which the free slot ends. Returns the slots it read.
+    pub fn for_each_in_profile(
+        &self,
+        account_id: u64,
+        profile_id: u64,
+        mut f: impl FnMut(Key, Held),
+    ) -> usize {
+        let cap = self.slots.len();
+        if self.len == 0 {
+            return 0;
+        }
+        let mut i = base(self.hash(&Key::new(account_id, profile_id, 0)), cap);
+        for step in 0..cap {
+            if self.is_used(i) {
+                let slot = &self.slots[i];
+                let key = slot.key();
+                if key.account_id == account_id && key.profile_id == profile_id {
+                    f(key, slot.held());
+                }
+            } else if step >= PROFILE_WINDOW {
+                return step + 1;
+            }
+            i += 1;
+            if i == cap {
+                i = 0;
+            }
+        }
+        cap
+    }
+
+    /// Whether the profile holds at least `n` keys; stops reading once it has seen `n`.
+    pub fn profile_holds_at_least(&self, account_id: u64, profile_id: u64, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
+        let cap = self.slots.len();
+        if self.len < n {
+            return false;
+        }
+        let (mut i, mut seen) = (
+            base(self.hash(&Key::new(account_id, profile_id, 0)), cap),
+            0,
+        );
+        for step in 0..cap {
+            if self.is_used(i) {
+                let key = self.slots[i].key();
+                if key.account_id == account_id && key.profile_id == profile_id {
+                    seen += 1;
+                    if seen == n {
+                        return true;
+                    }
+                }
+            } else if step >= PROFILE_WINDOW {
+                return false;
+            }
+            i += 1;
+            if i == cap {
+                i = 0;
+            }
+        }
+        false
+    }
+
+    /// Slots a lookup of `key` reads from its home: 1 when it is at home (or would go
+    /// there). For tests and measurements of probe lengths.
+    pub fn probe_slots(&self, key: &Key) -> usize {
+        if self.slots.is_empty() {
+            return 0;
+        }
+        let cap = self.slots.len();
+        let hash = self.hash(key);
+        let (i, _) = self.probe(hash, key);
+        (i + cap - home(hash, cap)) % cap + 1
+    }
+
     /// Every (key, held) pair, in table order.
     pub fn iter(&self) -> impl Iterator<Item = (Key, Held)> + '_ {
         self.used_slots()
@@ -441,6 +539,21 @@ pub struct Vacant<'a, S> {
 }
 
 impl<S: BuildHasher + Clone> Vacant<'_, S> {
+    /// Whether the probe for this absent key ran longer than [`CROWDED_PROBE`] slots: it
+    /// would land at the end of an unusually long run. Free to ask (the probe is done).
+    #[inline]
+    pub fn crowded(&self) -> bool {
+        self.index.is_some_and(|i| {
+            let cap = self.map.slots.len();
+            (i + cap - home(self.hash, cap)) % cap > CROWDED_PROBE
+        })
+    }
+
+    /// The map the probe ran in (to look around it before inserting).
+    pub fn map(&self) -> &KeyMap<S> {
+        self.map
+    }
+
     /// Inserts the key the probe was for (a different key breaks the map). Returns whether
     /// the map grew, i.e. its [`Location`] changed: then the key goes where a new probe
     /// in the grown table ends.
@@ -458,10 +571,34 @@ impl<S: BuildHasher + Clone> Vacant<'_, S> {
     }
 }
 
-/// The slot a probe for `hash` starts at, in a table of `capacity` slots (fastrange).
+/// The hash that places `key`: its profile's hash in the high bits (where [`base`] looks),
+/// and in the low `log2(PROFILE_WINDOW)` bits an offset mixed from the title and the
+/// profile's hash (so which titles share an offset is not predictable without the seed).
+#[inline]
+pub fn placement_hash<S: BuildHasher>(hasher: &S, key: &Key) -> u64 {
+    let profile = hasher.hash_one((key.account_id, key.profile_id));
+    let offset = (key.title_id ^ profile).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58;
+    const _: () = assert!(PROFILE_WINDOW == 1 << (64 - 58));
+    (profile & !WINDOW_MASK) | offset
+}
+
+/// Where a profile's window starts, in a table of `capacity` slots: fastrange of the
+/// profile's part of the hash.
+#[inline]
+fn base(hash: u64, capacity: usize) -> usize {
+    ((u128::from(hash & !WINDOW_MASK) * capacity as u128) >> 64) as usize
+}
+
+/// The slot a probe for `hash` starts at, in a table of `capacity` slots: the profile's
+/// base plus the title's offset, wrapped.
 #[inline]
 fn home(hash: u64, capacity: usize) -> usize {
-    ((u128::from(hash) * capacity as u128) >> 64) as usize
+    let i = base(hash, capacity) + (hash & WINDOW_MASK) as usize;
+    if i < capacity {
+        i
+    } else {
+        i % capacity
+    }
 }
 
 /// Where a map's arrays were when it was last asked: enough to prefetch the cache lines a
@@ -646,6 +783,100 @@ mod tests {
             // 44-byte slots between 68 % and 85 % full.
             assert!(per_key <= 66.0, "{keys} keys: {per_key} bytes/key");
         }
+    }
+
+    /// A profile's titles are found from its window alone, whatever the table went through
+    /// (growth, removals, shrinking, tiny tables narrower than the window, profiles with
+    /// many titles), and the window is a few dozen slots, not the table.
+    #[test]
+    fn every_title_of_a_profile_is_found_from_its_window() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let mut map = Map::with_hasher(Default::default());
+        let mut reference: HashMap<Key, Held> = HashMap::new();
+        // 3 000 profiles of 1-3 titles, and 4 with up to 300 titles each.
+        let key = |rng: &mut rand::rngs::StdRng| {
+            if rng.random_bool(0.05) {
+                Key::new(7, rng.random_range(0..4), rng.random_range(0..300))
+            } else {
+                Key::new(
+                    rng.random_range(100..1_100),
+                    rng.random_range(0..3),
+                    rng.random_range(0..3),
+                )
+            }
+        };
+        let check = |map: &Map, reference: &HashMap<Key, Held>, profiles: &[(u64, u64)]| {
+            let mut by_profile: HashMap<(u64, u64), Vec<(Key, Held)>> = HashMap::new();
+            for (k, h) in reference {
+                by_profile
+                    .entry((k.account_id, k.profile_id))
+                    .or_default()
+                    .push((*k, *h));
+            }
+            for &(a, p) in profiles {
+                let mut found = Vec::new();
+                let read = map.for_each_in_profile(a, p, |k, h| found.push((k, h)));
+                found.sort_by_key(|(k, _)| *k);
+                let mut want = by_profile.remove(&(a, p)).unwrap_or_default();
+                want.sort_by_key(|(k, _)| *k);
+                assert_eq!(found, want, "profile {a}/{p} in {} slots", map.capacity());
+                assert!(read <= map.capacity());
+                for n in [1, want.len(), want.len() + 1] {
+                    assert_eq!(map.profile_holds_at_least(a, p, n), want.len() >= n);
+                }
+            }
+        };
+        let profiles: Vec<(u64, u64)> = (0..4)
+            .map(|p| (7, p))
+            .chain((100..1_100).flat_map(|a| (0..3).map(move |p| (a, p))))
+            .collect();
+        for step in 0..60_000u32 {
+            let k = key(&mut rng);
+            if rng.random_bool(0.4) {
+                assert_eq!(map.remove(&k), reference.remove(&k));
+            } else {
+                let v = held(Value::new(step, u64::from(step), 1));
+                match map.entry_hashed(map.hash(&k), &k) {
+                    Entry::Occupied(mut o) => o.set(v),
+                    Entry::Vacant(vacant) => {
+                        vacant.insert(k, v);
+                    }
+                }
+                reference.insert(k, v);
+            }
+            if step % 7_919 == 0 {
+                map.shrink_if_sparse();
+                check(&map, &reference, &profiles);
+            }
+        }
+        check(&map, &reference, &profiles);
+        // A tiny table (fewer slots than the window) is read whole.
+        let mut tiny = Map::with_hasher(Default::default());
+        for t in 0..5 {
+            tiny.insert_new(Key::new(1, 1, t), held(Value::new(1, 1, 1)));
+        }
+        tiny.insert_new(Key::new(2, 1, 0), held(Value::new(1, 1, 1)));
+        let mut n = 0;
+        assert_eq!(
+            tiny.for_each_in_profile(1, 1, |_, _| n += 1),
+            tiny.capacity()
+        );
+        assert_eq!(n, 5);
+        // In a table of 200 000 one-title profiles, a profile's window is ~90 slots.
+        let mut big = Map::with_hasher(Default::default());
+        for a in 0..200_000u64 {
+            big.insert_new(Key::new(a, 1, a * 31), held(Value::new(1, 1, 1)));
+        }
+        let read: usize = (0..1_000u64)
+            .map(|a| big.for_each_in_profile(a, 1, |_, _| {}))
+            .sum();
+        let mean = read as f64 / 1_000.0;
+        assert!(
+            mean < 200.0 && big.capacity() > 200_000,
+            "{mean} slots read on average of {}",
+            big.capacity()
+        );
     }
 
     #[test]

@@ -177,6 +177,44 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Where the server reads wall-clock time from: heartbeat stamps and the skew clamp
+/// ([`crate::engine::Engine::now_ms`]), token expiry ([`crate::auth::Verifier`]). The
+/// system clock in the server; tests that need time to pass (a token expiring, the skew
+/// allowance running out) move a [`Clock::manual`] clock instead of sleeping, as the
+/// circuit breaker's tests do with theirs ([`crate::store::breaker::Clock`]).
+#[derive(Clone, Debug, Default)]
+pub enum Clock {
+    #[default]
+    System,
+    /// Milliseconds since the Unix epoch, set by hand.
+    Manual(std::sync::Arc<std::sync::atomic::AtomicU64>),
+}
+
+impl Clock {
+    /// A clock standing at `start_ms` until [`Clock::advance_ms`] moves it.
+    pub fn manual(start_ms: u64) -> Self {
+        Self::Manual(std::sync::Arc::new(start_ms.into()))
+    }
+
+    #[inline]
+    pub fn now_ms(&self) -> u64 {
+        match self {
+            Clock::System => now_ms(),
+            Clock::Manual(at) => at.load(std::sync::atomic::Ordering::SeqCst),
+        }
+    }
+
+    /// Moves a manual clock `ms` forward. The system clock cannot be moved: panics.
+    pub fn advance_ms(&self, ms: u64) {
+        match self {
+            Clock::System => panic!("the system clock cannot be advanced"),
+            Clock::Manual(at) => {
+                at.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+}
+
 /// The timestamp a heartbeat is stored with: the server's arrival time, or the client's own
 /// timestamp clamped to no later than `now_ms + max_skew_ms`, so a device with a fast clock
 /// cannot pin a key forever.

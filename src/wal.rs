@@ -167,6 +167,8 @@ struct AppendState {
     pending_bytes: usize,
     lsn: Lsn,
     closed: bool,
+    /// Set by [`Wal::crash`]: the writer stops at once, writing and syncing nothing more.
+    crashed: bool,
     /// Set by the writer while the disk refuses writes; appends are refused meanwhile.
     failing: Option<String>,
     /// Emptied buffers for reuse, so steady state does not allocate.
@@ -211,7 +213,8 @@ impl Shared {
 /// The commit log. Cheap to share behind an `Arc`; [`Wal::close`] drains and syncs it.
 pub struct Wal {
     shared: Arc<Shared>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Ends with the LSN the writer handed to write(2) last.
+    writer: Mutex<Option<JoinHandle<Lsn>>>,
     remover: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -274,6 +277,7 @@ impl Wal {
                 pending_bytes: 0,
                 lsn: 0,
                 closed: false,
+                crashed: false,
                 failing: None,
                 spare: Vec::new(),
                 sync_done: None,
@@ -486,6 +490,36 @@ impl Wal {
                 tracing::error!("commit-log remover thread panicked");
             }
         }
+    }
+
+    /// What a SIGKILL leaves of the log, for tests of crash recovery: records the writer
+    /// has handed to write(2) stay in the files (a killed process's writes are in the page
+    /// cache), everything still in this process's buffers is lost, nothing more is written
+    /// or fsynced. Stops the log's threads and refuses further appends (like
+    /// [`Wal::close`], without its final write and fsync). Returns the LSN up to which
+    /// records reached the files: every record appended at or below it replays at the next
+    /// open, every one above it is gone. A real crash needs no such call; nothing else uses
+    /// it.
+    #[doc(hidden)]
+    pub fn crash(&self) -> Lsn {
+        {
+            let mut st = self.shared.state.lock();
+            st.closed = true;
+            st.crashed = true;
+            st.buf.clear();
+            st.queue.clear();
+        }
+        self.shared.wake_writer.notify_one();
+        let written = match self.writer.lock().take() {
+            Some(handle) => handle.join().expect("commit-log writer thread panicked"),
+            None => 0,
+        };
+        self.shared.removal.lock().closed = true;
+        self.shared.wake_remover.notify_one();
+        if let Some(handle) = self.remover.lock().take() {
+            let _ = handle.join();
+        }
+        written
     }
 
     /// LSN of the newest append.
@@ -966,7 +1000,8 @@ impl Writer {
         }
     }
 
-    fn run(mut self) {
+    /// Returns the LSN it handed to write(2) last.
+    fn run(mut self) -> Lsn {
         self.write_loop();
         drop(self.jobs.take());
         if let Some(syncer) = self.syncer.take() {
@@ -974,6 +1009,7 @@ impl Writer {
                 tracing::error!("commit-log syncer thread panicked");
             }
         }
+        self.written_lsn
     }
 
     fn write_loop(&mut self) {
@@ -1017,6 +1053,10 @@ impl Writer {
                     self.shared
                         .wake_writer
                         .wait_for(&mut st, PERIODIC_WRITE_EVERY);
+                }
+                if st.crashed {
+                    // `Wal::crash`: stop as a SIGKILL would, writing and syncing nothing more.
+                    return;
                 }
                 let done = st.sync_done.take();
                 let mut chunks = Vec::new();

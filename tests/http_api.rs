@@ -93,20 +93,25 @@ async fn escaped_json_strings_mean_the_same_as_plain_ones() {
 
 #[tokio::test]
 async fn future_client_timestamps_are_clamped() {
-    let s = TestServer::start().await;
+    let clock = playhead::model::Clock::manual(now_ms());
+    let s = TestServer::start_with_clock(clock.clone(), |_| {}).await;
     let t = s.token(11, 1);
     // A device with a clock a day ahead cannot pin its value above later heartbeats forever.
-    let far = now_ms() + 86_400_000;
+    let far = clock.now_ms() + 86_400_000;
     assert_eq!(
         s.post_progress(&t, &progress("inception", 100, "skewed", far))
             .await
             .status,
         204
     );
-    tokio::time::sleep(Duration::from_millis(
-        s.config.ingest.max_clock_skew_ms + 50,
-    ))
-    .await;
+    let r = s.resume(&t, "inception").await;
+    assert_eq!(
+        r["updated_at_ms"].as_u64(),
+        Some(clock.now_ms() + s.config.ingest.max_clock_skew_ms),
+        "clamped to the server's time plus the allowance"
+    );
+    // Once the allowance has passed, a heartbeat stamped by the server wins.
+    clock.advance_ms(s.config.ingest.max_clock_skew_ms + 50);
     assert_eq!(
         s.post_progress(
             &t,
@@ -118,7 +123,7 @@ async fn future_client_timestamps_are_clamped() {
     );
     let r = s.resume(&t, "inception").await;
     assert_eq!(r["resume_position_seconds"], 200);
-    assert!(r["updated_at_ms"].as_u64().unwrap() <= now_ms());
+    assert_eq!(r["updated_at_ms"].as_u64(), Some(clock.now_ms()));
     s.stop().await;
 }
 
@@ -739,6 +744,55 @@ async fn health_readiness_and_metrics() {
         let value = line.rsplit(' ').next().unwrap();
         assert!(value.parse::<f64>().is_ok(), "bad sample line `{line}`");
     }
+    s.stop().await;
+}
+
+/// A flush task that panics fails its cycle: `/readyz` then answers `degraded` with the
+/// flush failing (heartbeats are still taken), until a cycle stores the keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_flush_shows_in_readiness_until_a_cycle_succeeds() {
+    let s = TestServer::start().await;
+    let t = s.token(21, 1);
+    s.post_progress(&t, &progress("inception", 5, "tv", now_ms()))
+        .await;
+    let ready = s.request("GET", "/readyz", None, None).await.json();
+    assert_eq!(
+        (ready["status"].as_str(), ready["flush"].as_str()),
+        (Some("ready"), Some("ok"))
+    );
+
+    s.faults.panic_next_writes(1);
+    assert!(s.engine.flush().await.is_err(), "the cycle fails");
+    let r = s.request("GET", "/readyz", None, None).await;
+    assert_eq!(r.status, 200);
+    let body = r.json();
+    assert_eq!(body["status"], "degraded", "{body}");
+    let flush = body["flush"].as_str().unwrap();
+    assert!(
+        flush.starts_with("failing: a flush task panicked")
+            && flush.ends_with("(1 cycles in a row)"),
+        "{flush}"
+    );
+    assert_eq!(body["store"], "reachable", "the store itself answers");
+    // Still taking heartbeats meanwhile.
+    assert_eq!(
+        s.post_progress(&t, &progress("interstellar", 6, "tv", now_ms()))
+            .await
+            .status,
+        204
+    );
+
+    assert_eq!(s.engine.flush().await.unwrap().rows, 2);
+    let ready = s.request("GET", "/readyz", None, None).await.json();
+    assert_eq!(
+        (ready["status"].as_str(), ready["flush"].as_str()),
+        (Some("ready"), Some("ok"))
+    );
+    let metrics = s.request("GET", "/metrics", None, None).await.body;
+    assert!(
+        metrics.contains("playhead_flush_panics_total 1"),
+        "{metrics}"
+    );
     s.stop().await;
 }
 

@@ -1,7 +1,7 @@
 //! Handlers of the public API (`/api/v1/...`): progress writes, resume reads,
 //! continue-watching and deletes. Contract: docs/api.md.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, StatusCode};
@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::{respond, AppState, Response};
 use crate::auth::Principal;
 use crate::catalog::{Title, MAX_TITLE_ID_BYTES};
-use crate::engine::{ReadResult, ReadSource, RejectReason};
+use crate::engine::{ProfileTitles, ReadResult, ReadSource, RejectReason};
 use crate::model::{Key, Value};
 
 /// Body of `POST /api/v1/stream/progress`.
@@ -321,45 +321,84 @@ pub async fn get_stream(
 }
 
 /// `GET /api/v1/continue-watching` → in-progress titles, newest first, one per series.
+///
+/// The list is what sorting *all* of the profile's titles by recency and filtering them
+/// gives. It is computed from the profile's most recent titles: first `8 × limit` of them
+/// (completed films, deletions and older episodes of a series are dropped, so more than
+/// `limit` are read); when those leave fewer than `limit` items and the profile has more
+/// titles, from 4 times as many, until the list is full or the profile exhausted. The
+/// sorted prefix is exact ([`crate::engine::Engine::recent_titles`]) and each item depends
+/// only on the titles before it, so the first `limit` items of a prefix are the first
+/// `limit` of the whole.
 pub async fn continue_watching(
     state: &AppState,
     request: &Request<Incoming>,
 ) -> Result<Response, ApiError> {
     let principal = authenticate(state, request.headers())?;
     let limit = state.config.api.continue_watching_limit;
-    // Read more rows than we show: completed titles and older episodes are dropped.
-    let (entries, source) = state
-        .engine
-        .list_profile(principal.account_id, principal.profile_id, limit * 8)
-        .await;
-    // Newest first; then keep one entry per series (its most recent episode).
-    let mut rows: Vec<(&Title, Value)> = entries
+    let mut count = limit.saturating_mul(8);
+    loop {
+        let recent = state
+            .engine
+            .recent_titles(principal.account_id, principal.profile_id, count)
+            .await;
+        let items = continue_items(state, principal, &recent, limit).await;
+        if items.len() == limit || recent.complete {
+            return json(&ContinueResponse {
+                items,
+                source: source_name(recent.source),
+            });
+        }
+        count = count.saturating_mul(4);
+    }
+}
+
+/// The continue-watching items `recent` yields, at most `limit`: newest first, one per
+/// series (its most recent episode), completed films left out, a completed episode replaced
+/// by the next one at that one's own saved position.
+async fn continue_items(
+    state: &AppState,
+    principal: Principal,
+    recent: &ProfileTitles,
+    limit: usize,
+) -> Vec<ContinueEntry> {
+    let by_title: HashMap<u64, Value> = recent
+        .titles
         .iter()
-        .filter_map(|e| state.catalog.by_title_id(e.title_id).map(|t| (t, e.value)))
+        .map(|e| (e.title_id, e.value))
         .collect();
-    rows.sort_by_key(|row| std::cmp::Reverse(row.1.version()));
-    let mut seen_series: HashMap<&str, ()> = HashMap::new();
-    let by_title: HashMap<u64, Value> = entries.iter().map(|e| (e.title_id, e.value)).collect();
+    let mut seen_series: HashSet<&str> = HashSet::new();
     let mut items = Vec::new();
-    for (title, value) in rows {
+    for entry in &recent.titles {
+        let Some(title) = state.catalog.by_title_id(entry.title_id) else {
+            continue;
+        };
+        let value = entry.value;
         if let Some((series, _)) = &title.series {
-            if seen_series.insert(series.as_str(), ()).is_some() {
+            if !seen_series.insert(series.as_str()) {
                 continue;
             }
         }
         let (shown, position) = if state.is_completed(value.position_seconds, title) {
             // A finished episode: offer the next one, at its own saved position.
-            match state.catalog.next_episode(title) {
-                Some(next) => {
-                    let saved = by_title
-                        .get(&next.title_id)
-                        .map(|v| v.position_seconds)
-                        .filter(|&p| !state.is_completed(p, next))
-                        .unwrap_or(0);
-                    (next, saved)
+            let Some(next) = state.catalog.next_episode(title) else {
+                continue;
+            };
+            // Listed: its exact value. Not listed in a complete listing: nothing saved.
+            // Otherwise it is older than the listed part: read it on its own.
+            let saved = match by_title.get(&next.title_id) {
+                Some(v) => Some(*v),
+                None if recent.complete => None,
+                None => {
+                    let key = Key::new(principal.account_id, principal.profile_id, next.title_id);
+                    state.engine.get(key).await.value
                 }
-                None => continue,
-            }
+            };
+            let position = saved
+                .map(|v| v.position_seconds)
+                .filter(|&p| !state.is_completed(p, next))
+                .unwrap_or(0);
+            (next, position)
         } else {
             (title, value.position_seconds)
         };
@@ -376,10 +415,7 @@ pub async fn continue_watching(
             break;
         }
     }
-    json(&ContinueResponse {
-        items,
-        source: source_name(source),
-    })
+    items
 }
 
 impl AppState {

@@ -315,7 +315,10 @@ fn healthz() -> Response {
 
 /// Ready when the log was replayed (it was, or we would not be serving) and writable, and
 /// says whether the store answers (`ready`) or reads are degraded (`degraded`, still 200:
-/// the service keeps serving from memory and answers position 0 otherwise).
+/// the service keeps serving from memory and answers position 0 otherwise). Flushing that
+/// fails (the latest cycle failed: a flush task panicked) is `degraded` too, with
+/// `"flush": "failing: …"`: heartbeats are still acknowledged into the log, but nothing
+/// reaches the store.
 async fn readyz(state: &AppState) -> Response {
     let shared = state.engine.shared();
     if let Some(reason) = shared.wal.failing() {
@@ -324,12 +327,17 @@ async fn readyz(state: &AppState) -> Response {
             serde_json::json!({"status": "unavailable", "wal": format!("failing: {reason}"), "store": "unknown"}),
         );
     }
+    let flush_failing = shared.stats.flush_health.failing();
+    let flush = match &flush_failing {
+        Some((cycles, error)) => format!("failing: {error} ({cycles} cycles in a row)"),
+        None => "ok".to_string(),
+    };
     if let Some(error) = shared.store.write_health().and_then(WriteHealth::failing) {
         // Still serving (from memory, acknowledging into the log), but nothing reaches
         // the store: `degraded`, as for a store that cannot be read.
         return json_response(
             StatusCode::OK,
-            serde_json::json!({"status": "degraded", "wal": "replayed", "store": format!("failing: {error}"), "store_kind": shared.store.name()}),
+            serde_json::json!({"status": "degraded", "wal": "replayed", "store": format!("failing: {error}"), "flush": flush, "store_kind": shared.store.name()}),
         );
     }
     let budget = Duration::from_millis(state.config.store.read_timeout_ms);
@@ -342,9 +350,14 @@ async fn readyz(state: &AppState) -> Response {
             format!("no answer within {} ms", budget.as_millis()),
         ),
     };
+    let status = if flush_failing.is_some() {
+        "degraded"
+    } else {
+        status
+    };
     json_response(
         StatusCode::OK,
-        serde_json::json!({"status": status, "wal": "replayed", "store": store, "store_kind": shared.store.name()}),
+        serde_json::json!({"status": status, "wal": "replayed", "store": store, "flush": flush, "store_kind": shared.store.name()}),
     )
 }
 
@@ -432,6 +445,13 @@ pub fn render(state: &AppState) -> String {
         "counter",
         "New keys refused because the coalescer was full.",
         c.overloaded,
+    );
+    single(
+        &mut out,
+        "playhead_coalescer_profile_full_total",
+        "counter",
+        "New titles refused because their profile held coalescer.max_titles_per_profile in memory.",
+        c.profile_full,
     );
     head(&mut out, "playhead_coalescer_keys", "gauge", "Keys in memory: dirty (the store lacks their newest value), flushing (of those, being written by the running cycle), clean (stored, kept while the viewer plays).");
     sample(

@@ -36,6 +36,7 @@
 //! not as a failure.
 
 use std::fmt::Write as _;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,6 +50,7 @@ use scylla::errors::{ExecutionError, RequestAttemptError, RequestError};
 use scylla::observability::history::{AttemptId, HistoryListener, RequestId, SpeculativeId};
 use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::policies::retry::RetryDecision;
+use scylla::response::PagingState;
 use scylla::statement::batch::{Batch, BatchStatement, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
@@ -56,7 +58,7 @@ use scylla::value::CqlVarint;
 use tokio::sync::Semaphore;
 
 use super::breaker::{self, BreakerState, CircuitBreaker};
-use super::{Store, StoreError, TitleEntry};
+use super::{MostRecent, RecentTitles, Store, StoreError, TitleEntry};
 use crate::config::{CassandraStoreConfig, Config, ConsistencyLevel, ReplicationStrategy};
 use crate::metrics::{self, Histogram};
 use crate::model::{Key, Record, Value};
@@ -132,13 +134,18 @@ pub fn get_cql(keyspace: &str) -> String {
     )
 }
 
-/// One profile's titles in title order, up to a limit.
+/// Every title of one profile (one partition), read in pages of [`LIST_PAGE_ROWS`].
 pub fn list_cql(keyspace: &str) -> String {
     format!(
         "SELECT title_id, versions FROM {keyspace}.{TABLE} \
-         WHERE account_id = ? AND profile_id = ? LIMIT ?"
+         WHERE account_id = ? AND profile_id = ?"
     )
 }
+
+/// Rows per page of a profile listing: a profile of a few hundred titles is one round trip,
+/// and a page (~60 bytes a row with its one or two versions) stays well under the driver's
+/// frame limits whatever the profile's size.
+pub const LIST_PAGE_ROWS: i32 = 1_000;
 
 // ---------------------------------------------------------------------------------------
 // Conversions.
@@ -491,7 +498,8 @@ impl CassandraStore {
         };
         let upsert = prepare(upsert_cql(&c.keyspace), c.write_consistency).await?;
         let get = prepare(get_cql(&c.keyspace), c.read_consistency).await?;
-        let list = prepare(list_cql(&c.keyspace), c.read_consistency).await?;
+        let mut list = prepare(list_cql(&c.keyspace), c.read_consistency).await?;
+        list.set_page_size(LIST_PAGE_ROWS);
         Ok(Self {
             inner: Arc::new(Inner {
                 session,
@@ -702,56 +710,62 @@ impl Store for CassandraStore {
         })
     }
 
-    async fn list_profile(
+    async fn recent_titles(
         &self,
         account_id: u64,
         profile_id: u64,
         limit: usize,
-    ) -> Result<Vec<TitleEntry>, StoreError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let inner = Arc::clone(&self.inner);
-        let values = (
-            id_to_bigint(account_id),
-            id_to_bigint(profile_id),
-            i32::try_from(limit).unwrap_or(i32::MAX),
-        );
-        let result = self
-            .inner
-            .request(Op::List, async move {
-                inner.session.execute_unpaged(&inner.list, values).await
-            })
-            .await?;
-        let rows = result
-            .into_rows_result()
-            .map_err(|e| unavailable("listing a profile", e))?;
-        let typed = rows
-            .rows::<(CqlVarint, Option<Vec<&[u8]>>)>()
-            .map_err(|e| StoreError::Corrupt {
-                key: None,
-                detail: e.to_string(),
-            })?;
-        let mut entries = Vec::with_capacity(rows.rows_num());
-        for row in typed {
-            let (title, elements) = row.map_err(|e| StoreError::Corrupt {
-                key: None,
-                detail: e.to_string(),
-            })?;
-            let Some(title_id) = varint_to_u64(&title) else {
-                tracing::warn!(?title, "skipping a row whose title_id is not a u64");
-                continue;
-            };
-            match newest_version(elements.unwrap_or_default()) {
-                Ok(Some(value)) => entries.push(TitleEntry { title_id, value }),
-                Ok(None) => {}
-                Err(detail) => {
-                    // Skip one malformed row rather than hide the whole profile.
-                    tracing::warn!(account_id, profile_id, title_id, "{detail}");
+    ) -> Result<RecentTitles, StoreError> {
+        let values = (id_to_bigint(account_id), id_to_bigint(profile_id));
+        let mut recent = MostRecent::new(limit);
+        let mut paging = PagingState::start();
+        // The whole partition, page by page, each page one request through the breaker:
+        // the most recent titles may be anywhere in title order.
+        loop {
+            let inner = Arc::clone(&self.inner);
+            let state = paging.clone();
+            let (result, next) = self
+                .inner
+                .request(Op::List, async move {
+                    inner
+                        .session
+                        .execute_single_page(&inner.list, values, state)
+                        .await
+                })
+                .await?;
+            let rows = result
+                .into_rows_result()
+                .map_err(|e| unavailable("listing a profile", e))?;
+            let typed = rows
+                .rows::<(CqlVarint, Option<Vec<&[u8]>>)>()
+                .map_err(|e| StoreError::Corrupt {
+                    key: None,
+                    detail: e.to_string(),
+                })?;
+            for row in typed {
+                let (title, elements) = row.map_err(|e| StoreError::Corrupt {
+                    key: None,
+                    detail: e.to_string(),
+                })?;
+                let Some(title_id) = varint_to_u64(&title) else {
+                    tracing::warn!(?title, "skipping a row whose title_id is not a u64");
+                    continue;
+                };
+                match newest_version(elements.unwrap_or_default()) {
+                    Ok(Some(value)) => recent.offer(TitleEntry { title_id, value }),
+                    Ok(None) => {}
+                    Err(detail) => {
+                        // Skip one malformed row rather than hide the whole profile.
+                        tracing::warn!(account_id, profile_id, title_id, "{detail}");
+                    }
                 }
             }
+            match next.into_paging_control_flow() {
+                ControlFlow::Break(()) => break,
+                ControlFlow::Continue(state) => paging = state,
+            }
         }
-        Ok(entries)
+        Ok(recent.finish())
     }
 
     /// Rows expire by their TTL; there is nothing to purge.
@@ -910,7 +924,7 @@ mod tests {
             get_cql("ks"),
             "SELECT versions FROM ks.positions WHERE account_id = ? AND profile_id = ? AND title_id = ?"
         );
-        assert!(list_cql("ks").ends_with("WHERE account_id = ? AND profile_id = ? LIMIT ?"));
+        assert!(list_cql("ks").ends_with("WHERE account_id = ? AND profile_id = ?"));
         let schema = schema_cql(&config());
         assert_eq!(schema.matches(";\n").count(), 2, "{schema}");
     }

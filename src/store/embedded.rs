@@ -33,7 +33,7 @@ use async_trait::async_trait;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use parking_lot::{Mutex, RwLock};
 
-use super::{Store, StoreError, TitleEntry, WriteHealth};
+use super::{MostRecent, RecentTitles, Store, StoreError, TitleEntry, WriteHealth};
 use crate::model::{Key, Record, Value};
 
 /// Rows examined per purge step; the writer mutex is held for one step at a time so a purge
@@ -619,12 +619,10 @@ impl Fjall {
         Ok(run.len())
     }
 
-    fn list(&self, prefix: [u8; 16], limit: usize) -> Result<Vec<TitleEntry>, StoreError> {
-        let mut entries = Vec::new();
+    /// Reads every row of the profile under `prefix` and keeps the `limit` most recent.
+    fn recent(&self, prefix: [u8; 16], limit: usize) -> Result<RecentTitles, StoreError> {
+        let mut recent = MostRecent::new(limit);
         for guard in self.positions.prefix(prefix) {
-            if entries.len() >= limit {
-                break;
-            }
             let (key, value) = guard
                 .into_inner()
                 .map_err(|e| io_error("listing a profile", e))?;
@@ -641,12 +639,12 @@ impl Fjall {
                 tracing::warn!(?key, "skipping a malformed row in the embedded store");
                 continue;
             };
-            entries.push(TitleEntry {
+            recent.offer(TitleEntry {
                 title_id: key.title_id,
                 value,
             });
         }
-        Ok(entries)
+        Ok(recent.finish())
     }
 
     /// One purge step's scan, without the writer lock: up to [`PURGE_CHUNK_ROWS`] rows after
@@ -751,14 +749,14 @@ impl Store for EmbeddedStore {
             .await
     }
 
-    async fn list_profile(
+    async fn recent_titles(
         &self,
         account_id: u64,
         profile_id: u64,
         limit: usize,
-    ) -> Result<Vec<TitleEntry>, StoreError> {
+    ) -> Result<RecentTitles, StoreError> {
         let prefix = Key::profile_prefix(account_id, profile_id);
-        self.blocking_read(move |inner| inner.handles()?.list(prefix, limit))
+        self.blocking_read(move |inner| inner.handles()?.recent(prefix, limit))
             .await
     }
 

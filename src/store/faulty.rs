@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Store, StoreError, TitleEntry, WriteHealth};
+use super::{RecentTitles, Store, StoreError, WriteHealth};
 use crate::model::{Key, Record, Value};
 
 /// The knobs of a [`FaultyStore`], shared between the store and the test that drives it.
@@ -142,14 +142,16 @@ impl<S: Store> Store for FaultyStore<S> {
         self.inner.get(key).await
     }
 
-    async fn list_profile(
+    async fn recent_titles(
         &self,
         account_id: u64,
         profile_id: u64,
         limit: usize,
-    ) -> Result<Vec<TitleEntry>, StoreError> {
+    ) -> Result<RecentTitles, StoreError> {
         self.switch.before_read().await?;
-        self.inner.list_profile(account_id, profile_id, limit).await
+        self.inner
+            .recent_titles(account_id, profile_id, limit)
+            .await
     }
 
     async fn purge_older_than(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
@@ -250,13 +252,13 @@ impl Store for Arc<dyn Store> {
         (**self).get(key).await
     }
 
-    async fn list_profile(
+    async fn recent_titles(
         &self,
         account_id: u64,
         profile_id: u64,
         limit: usize,
-    ) -> Result<Vec<TitleEntry>, StoreError> {
-        (**self).list_profile(account_id, profile_id, limit).await
+    ) -> Result<RecentTitles, StoreError> {
+        (**self).recent_titles(account_id, profile_id, limit).await
     }
 
     async fn purge_older_than(&self, cutoff_ms: u64) -> Result<u64, StoreError> {

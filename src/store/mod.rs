@@ -95,6 +95,96 @@ pub struct TitleEntry {
     pub value: Value,
 }
 
+impl TitleEntry {
+    /// The "most recent" order of a profile's titles: greater is more recent. By
+    /// [`Value::version`] (the last-write-wins order, so a tombstone ranks by its own
+    /// timestamp), then the lower title id, so no two titles of a profile tie.
+    pub fn recency(&self) -> (u64, u32, u32, std::cmp::Reverse<u64>) {
+        let (at, device, position) = self.value.version();
+        (at, device, position, std::cmp::Reverse(self.title_id))
+    }
+}
+
+/// A profile's most recent titles as a store lists them ([`Store::recent_titles`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecentTitles {
+    /// Most recent first ([`TitleEntry::recency`]), at most the `limit` asked for.
+    pub titles: Vec<TitleEntry>,
+    /// Rows the profile has in the store (every one was read to choose `titles`).
+    pub total: usize,
+}
+
+impl RecentTitles {
+    /// Whether `titles` holds every row of the profile.
+    pub fn is_complete(&self) -> bool {
+        self.titles.len() >= self.total
+    }
+}
+
+/// Keeps the `limit` most recent of the entries it is offered ([`TitleEntry::recency`]):
+/// a min-heap of at most `limit` entries whose root is the least recent kept, so a whole
+/// profile streams through in O(rows × log limit) time and O(limit) memory.
+pub struct MostRecent {
+    limit: usize,
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<Ranked>>,
+    total: usize,
+}
+
+/// A [`TitleEntry`] ordered by [`TitleEntry::recency`].
+#[derive(PartialEq, Eq)]
+struct Ranked(TitleEntry);
+
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.recency().cmp(&other.0.recency())
+    }
+}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl MostRecent {
+    /// Heap space reserved up front at most: `limit` may be "everything" (`usize::MAX`).
+    const RESERVE: usize = 1_024;
+
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            heap: std::collections::BinaryHeap::with_capacity(limit.min(Self::RESERVE)),
+            total: 0,
+        }
+    }
+
+    pub fn offer(&mut self, entry: TitleEntry) {
+        self.total += 1;
+        if self.heap.len() < self.limit {
+            self.heap.push(std::cmp::Reverse(Ranked(entry)));
+        } else if let Some(mut least) = self.heap.peek_mut() {
+            if entry.recency() > least.0 .0.recency() {
+                *least = std::cmp::Reverse(Ranked(entry));
+            }
+        }
+    }
+
+    /// The kept entries, most recent first, and how many were offered.
+    pub fn finish(self) -> RecentTitles {
+        // Ascending order of `Reverse` is descending recency.
+        let titles = self
+            .heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|std::cmp::Reverse(Ranked(entry))| entry)
+            .collect();
+        RecentTitles {
+            titles,
+            total: self.total,
+        }
+    }
+}
+
 /// The contract every position store keeps.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -121,15 +211,18 @@ pub trait Store: Send + Sync + 'static {
     /// last-write-wins, so it must see a tombstone to know it hides an older value in memory.
     async fn get(&self, key: Key) -> Result<Option<Value>, StoreError>;
 
-    /// Up to `limit` titles of one profile with their newest stored version, tombstones
-    /// included (for the same reason as [`Store::get`]), in title order. Callers filter
-    /// tombstones and sort by recency themselves.
-    async fn list_profile(
+    /// The `limit` most recent titles of one profile ([`TitleEntry::recency`]) with their
+    /// newest stored version, and how many rows the profile has. Tombstones are rows like
+    /// any other here — ranked by their timestamp, returned, counted — for the same reason
+    /// as in [`Store::get`]. The store reads the whole profile (paged, where it pages) and
+    /// keeps the most recent in a [`MostRecent`], so the answer is exact whatever the
+    /// profile's size, in memory bounded by `limit`.
+    async fn recent_titles(
         &self,
         account_id: u64,
         profile_id: u64,
         limit: usize,
-    ) -> Result<Vec<TitleEntry>, StoreError>;
+    ) -> Result<RecentTitles, StoreError>;
 
     /// Deletes `key` as of `at_ms` with a tombstone, so a late heartbeat older than the
     /// delete cannot bring the title back.

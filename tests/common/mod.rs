@@ -21,6 +21,7 @@ use playhead::catalog::Catalog;
 use playhead::config::Config;
 use playhead::engine::Engine;
 use playhead::http::AppState;
+use playhead::model::Clock;
 use playhead::store::{EmbeddedStore, FaultSwitch, FaultyStore};
 
 /// A running server and the handles tests poke at.
@@ -34,6 +35,9 @@ pub struct TestServer {
     /// faults only it can inject (reads that block their thread).
     pub embedded: EmbeddedStore,
     pub config: Config,
+    /// The engine's and the token verifier's clock: the system clock, or the manual one
+    /// of [`TestServer::start_with_clock`].
+    pub clock: Clock,
     stop: watch::Sender<bool>,
     server: Option<tokio::task::JoinHandle<()>>,
     binary: Option<tokio::task::JoinHandle<()>>,
@@ -58,6 +62,12 @@ impl TestServer {
     /// Starts a server whose config `adjust` may change first. The store is the embedded
     /// store behind a [`FaultyStore`] whose faults start off.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with_clock(Clock::System, adjust).await
+    }
+
+    /// [`TestServer::start_with`] on `clock`: heartbeats are stamped and tokens checked
+    /// against it, so a test can make time pass without sleeping.
+    pub async fn start_with_clock(clock: Clock, adjust: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut config = test_config(dir.path());
         adjust(&mut config);
@@ -65,9 +75,10 @@ impl TestServer {
         let embedded = EmbeddedStore::open(&config.embedded_store_dir(), 8 << 20).unwrap();
         let store = FaultyStore::new(embedded.clone());
         let faults = store.switch();
-        let (engine, _) = Engine::open(config.clone(), Arc::new(store)).unwrap();
+        let (engine, _) =
+            Engine::open_with_clock(config.clone(), Arc::new(store), clock.clone()).unwrap();
         let catalog = Catalog::load(&config.api.catalog_path).unwrap();
-        let verifier = Verifier::from_config(&config.auth).unwrap();
+        let verifier = Verifier::with_clock(&config.auth, clock.clone()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(AppState::new(engine.clone(), catalog, verifier));
@@ -88,6 +99,7 @@ impl TestServer {
             faults,
             embedded,
             config,
+            clock,
             stop,
             server: Some(server),
             _dir: dir,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use playhead::config::Config;
 use playhead::engine::Engine;
 use playhead::model::{Key, Record, Value};
-use playhead::store::Store;
+use playhead::store::{RecentTitles, Store, TitleEntry};
 
 /// A store under test and what it promises.
 pub struct Subject {
@@ -153,13 +153,19 @@ pub async fn deletes_versus_late_writes(s: Subject) {
         s.store.get(other).await.unwrap(),
         Some(Value::tombstone(BASE_MS + 500))
     );
-    let listed = s.store.list_profile(account, 3, 10).await.unwrap();
-    assert_eq!(listed.len(), 2);
-    assert!(listed[1].value.is_tombstone());
+    let listed = s.store.recent_titles(account, 3, 10).await.unwrap();
+    assert_eq!(listed.total, 2);
+    // The delete is the profile's most recent row.
+    assert_eq!(
+        listed.titles.iter().map(|e| e.title_id).collect::<Vec<_>>(),
+        vec![43, 42]
+    );
+    assert!(listed.titles[0].value.is_tombstone());
 }
 
-/// Listing returns exactly one profile's titles, in title order, with tombstones, up to the
-/// limit, never a neighbour's, including at the edges of the id space.
+/// Listing returns exactly one profile's titles, most recent first, with tombstones, the
+/// most recent `limit` of them and how many there are, never a neighbour's, including at
+/// the edges of the id space.
 pub async fn listing_is_one_profile(s: Subject) {
     let account = fresh_account();
     let mut batch = Vec::new();
@@ -183,40 +189,89 @@ pub async fn listing_is_one_profile(s: Subject) {
         .await
         .unwrap();
 
-    let listed = s.store.list_profile(account, 7, 100).await.unwrap();
-    let titles: Vec<u64> = listed.iter().map(|e| e.title_id).collect();
-    assert_eq!(titles, vec![1, 3, 5, 9, u64::MAX]);
-    assert!(listed[3].value.is_tombstone());
-    assert_eq!(listed[0].value, Value::new(1, BASE_MS + 1, 1));
+    let titles =
+        |listed: &RecentTitles| -> Vec<u64> { listed.titles.iter().map(|e| e.title_id).collect() };
+    // Timestamps BASE_MS + title % 1000 (u64::MAX % 1000 = 615); title 9 deleted last.
+    let listed = s.store.recent_titles(account, 7, 100).await.unwrap();
+    assert_eq!(titles(&listed), vec![9, u64::MAX, 5, 3, 1]);
+    assert_eq!(listed.total, 5);
+    assert!(listed.is_complete());
+    assert_eq!(listed.titles[0].value, Value::tombstone(BASE_MS + 5000));
+    assert_eq!(listed.titles[4].value, Value::new(1, BASE_MS + 1, 1));
 
-    let limited = s.store.list_profile(account, 7, 2).await.unwrap();
-    assert_eq!(
-        limited.iter().map(|e| e.title_id).collect::<Vec<_>>(),
-        vec![1, 3]
-    );
+    let limited = s.store.recent_titles(account, 7, 2).await.unwrap();
+    assert_eq!(titles(&limited), vec![9, u64::MAX]);
+    assert_eq!(limited.total, 5);
+    assert!(!limited.is_complete());
 
-    let edge = s.store.list_profile(account, u64::MAX, 100).await.unwrap();
-    assert_eq!(edge.iter().map(|e| e.title_id).collect::<Vec<_>>(), vec![4]);
-    let next = s.store.list_profile(account + 1, 0, 100).await.unwrap();
-    assert_eq!(next.iter().map(|e| e.title_id).collect::<Vec<_>>(), vec![4]);
-    assert!(s
-        .store
-        .list_profile(account, 99, 100)
-        .await
-        .unwrap()
-        .is_empty());
+    let edge = s.store.recent_titles(account, u64::MAX, 100).await.unwrap();
+    assert_eq!(titles(&edge), vec![4]);
+    let next = s.store.recent_titles(account + 1, 0, 100).await.unwrap();
+    assert_eq!(titles(&next), vec![4]);
+    let none = s.store.recent_titles(account, 99, 100).await.unwrap();
+    assert_eq!((none.titles.len(), none.total), (0, 0));
+}
+
+/// A profile of thousands of titles (more than one page of any store that pages): the
+/// listing holds exactly the `limit` most recent — by version, then the lower title id
+/// among equal versions — wherever they are in title order, and counts every row.
+pub async fn listing_keeps_the_most_recent_of_a_large_profile(s: Subject) {
+    use rand::{Rng, SeedableRng};
+    let account = fresh_account();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(account);
+    const TITLES: u64 = 2_500;
+    let rows: Vec<Record> = (0..TITLES)
+        .map(|_| {
+            let title = rng.random::<u64>();
+            // A narrow time window: many equal timestamps, some fully equal versions.
+            let at = BASE_MS + rng.random_range(0..400);
+            let value = if rng.random_bool(0.05) {
+                Value::tombstone(at)
+            } else {
+                Value::new(rng.random_range(0..3), at, rng.random_range(0..2))
+            };
+            Record::new(Key::new(account, 1, title), value)
+        })
+        .collect();
+    let mut newest: std::collections::HashMap<u64, Value> = Default::default();
+    for chunk in rows.chunks(500) {
+        let mut distinct: std::collections::HashMap<Key, Value> = Default::default();
+        for r in chunk {
+            distinct.insert(r.key, r.value);
+        }
+        let batch: Vec<Record> = distinct.iter().map(|(k, v)| Record::new(*k, *v)).collect();
+        s.store.write_batch(&batch).await.unwrap();
+        for r in batch {
+            let e = newest.entry(r.key.title_id).or_insert(r.value);
+            if r.value.supersedes(e) {
+                *e = r.value;
+            }
+        }
+    }
+    let mut want: Vec<TitleEntry> = newest
+        .iter()
+        .map(|(&title_id, &value)| TitleEntry { title_id, value })
+        .collect();
+    want.sort_by_key(|e| std::cmp::Reverse(e.recency()));
+    for limit in [1, 37, 1_200, usize::MAX] {
+        let listed = s.store.recent_titles(account, 1, limit).await.unwrap();
+        assert_eq!(listed.total, want.len(), "limit {limit}");
+        assert_eq!(
+            listed.titles,
+            want[..limit.min(want.len())],
+            "limit {limit}"
+        );
+    }
+    let none = s.store.recent_titles(account, 1, 0).await.unwrap();
+    assert_eq!((none.titles.len(), none.total), (0, want.len()));
 }
 
 /// Missing keys and profiles read as nothing, not as an error.
 pub async fn missing_reads_are_empty(s: Subject) {
     let account = fresh_account();
     assert_eq!(s.store.get(Key::new(account, 1, 1)).await.unwrap(), None);
-    assert!(s
-        .store
-        .list_profile(account, 1, 10)
-        .await
-        .unwrap()
-        .is_empty());
+    let listed = s.store.recent_titles(account, 1, 10).await.unwrap();
+    assert_eq!(listed, RecentTitles::default());
 }
 
 /// Retention removes values and tombstones last updated before the cutoff and nothing
@@ -244,8 +299,8 @@ pub async fn retention_purges_only_old_rows(s: Subject) {
         assert!(removed >= 2, "removed {removed}");
         assert_eq!(s.store.get(old).await.unwrap(), None);
         assert_eq!(s.store.get(old_tombstone).await.unwrap(), None);
-        let listed = s.store.list_profile(account, 1, 10).await.unwrap();
-        assert_eq!(listed.len(), 1);
+        let listed = s.store.recent_titles(account, 1, 10).await.unwrap();
+        assert_eq!(listed.total, 1);
     }
 }
 
@@ -282,9 +337,12 @@ pub async fn batch_sizes(s: Subject) {
             Some(Value::new(i as u32, BASE_MS + i, 3))
         );
     }
-    let profile = s.store.list_profile(account, 250, 1000).await.unwrap();
-    assert_eq!(profile.len(), 100);
-    assert_eq!(profile[99].value, Value::new(24_999, BASE_MS + 24_999, 3));
+    let profile = s.store.recent_titles(account, 250, 1000).await.unwrap();
+    assert_eq!((profile.titles.len(), profile.total), (100, 100));
+    assert_eq!(
+        profile.titles[0].value,
+        Value::new(24_999, BASE_MS + 24_999, 3)
+    );
 }
 
 /// Two writers (two ingest nodes, or a retried batch racing a new one) send versions of the
@@ -366,10 +424,11 @@ pub async fn two_engines_flush_in_the_wrong_order(s: Subject) {
         assert_eq!(a.get(key).await.value, shown, "node A reads {key:?}");
         assert_eq!(b.get(key).await.value, shown, "node B reads {key:?}");
     }
-    let listed = s.store.list_profile(account, 1, 10).await.unwrap();
+    let listed = s.store.recent_titles(account, 1, 10).await.unwrap();
+    // Most recent first: the delete, then the tie, then the later heartbeat.
     assert_eq!(
-        listed.iter().map(|e| e.value).collect::<Vec<_>>(),
-        newest.map(|(_, v)| v).to_vec()
+        listed.titles.iter().map(|e| e.value).collect::<Vec<_>>(),
+        newest.map(|(_, v)| v).into_iter().rev().collect::<Vec<_>>()
     );
     a.shutdown(None).await;
     b.shutdown(None).await;
@@ -389,6 +448,7 @@ macro_rules! conformance_suite {
                 stale_and_duplicate_writes,
                 deletes_versus_late_writes,
                 listing_is_one_profile,
+                listing_keeps_the_most_recent_of_a_large_profile,
                 missing_reads_are_empty,
                 retention_purges_only_old_rows,
                 batch_sizes,
