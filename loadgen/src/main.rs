@@ -140,6 +140,11 @@ pub struct Args {
     /// Keys checked by `--verify` (0 = all).
     #[arg(long, default_value_t = 20_000)]
     pub verify_sample: usize,
+    /// Seconds `--verify` waits after the run before reading back: longer than the server's
+    /// `flush.idle_ms` + `flush.interval_ms`, the keys have left its memory and the answers
+    /// come from the store (e.g. Cassandra under another generator's load).
+    #[arg(long, default_value_t = 0.0)]
+    pub verify_after_secs: f64,
     /// Write the whole report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -158,6 +163,10 @@ impl Args {
 
     pub fn duration(&self) -> Duration {
         Duration::from_secs_f64(self.duration_secs.max(0.1))
+    }
+
+    pub fn verify_after(&self) -> Duration {
+        Duration::from_secs_f64(self.verify_after_secs)
     }
 }
 

@@ -91,6 +91,12 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let window = Window::new(args.warmup(), args.duration());
     let progress = progress_bar(&args, Arc::clone(&live), window);
 
+    if !(0.0..=3600.0).contains(&args.verify_after_secs) {
+        bail!(
+            "--verify-after-secs must be between 0 and 3600, got {}",
+            args.verify_after_secs
+        );
+    }
     if args.verify && matches!(args.protocol, Protocol::RedisLww | Protocol::RedisSet) {
         bail!("--verify reads back through Playhead's HTTP API; it does not apply to the redis protocols");
     }
@@ -120,6 +126,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         .saturating_duration_since(window.measure_from);
 
     let verification = if args.verify {
+        tokio::time::sleep(args.verify_after()).await;
         Some(verify(&args, &titles, &outcome).await?)
     } else {
         None
