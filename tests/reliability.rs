@@ -330,7 +330,10 @@ fn spot_check_over_http(p: &Process, w: &Workload, states: &[ConnState], samples
         let at = v["updated_at_ms"]
             .as_u64()
             .unwrap_or_else(|| panic!("key {c}/{k}: acknowledged {acked}, read {v}"));
-        assert!(at >= acked, "key {c}/{k}: read {at} < acknowledged {acked}");
+        assert!(
+            at >= acked,
+            "key {c}/{k}: read {at} < acknowledged {acked}: {v}"
+        );
         assert_eq!(
             v["resume_position_seconds"].as_u64().unwrap(),
             (at - w.base_ts) % POSITION_MODULO
@@ -415,7 +418,14 @@ fn restart_and_collect(
     w: &Workload,
     states: &[ConnState],
 ) -> Vec<Vec<u64>> {
-    let mut p = Process::start(dir, overrides);
+    // A generous read budget: these reads check what survived the kill. Under the default
+    // 70 ms budget a store read slowed by a loaded machine is answered from memory, which
+    // after replay may hold an older value than the store (a snapshot's, superseded by a
+    // value flushed before the kill) — the documented slow-store fallback, seen once in a
+    // full `cargo test` run (read 23 ms older than acknowledged), not a loss.
+    let mut overrides = overrides.to_vec();
+    overrides.push(o("STORE__READ_TIMEOUT_MS", 10_000));
+    let mut p = Process::start(dir, &overrides);
     spot_check_over_http(&p, w, states, 20);
     p.stop_clean();
     stored_versions(dir, w)
@@ -1382,13 +1392,19 @@ fn a_full_store_disk_recovers_without_a_restart() {
     let ready = wait_for_readyz(&p, Duration::from_secs(20), |b| b["status"] == "ready");
     let recovered = freed_at.elapsed();
     assert_eq!(ready["store"], "reachable");
-    // Flush cycles complete again.
-    let m = p.metrics();
+    // Flush cycles complete again. `/readyz` turns ready once the store answers; the next
+    // cycle may still be running on a loaded machine (seen once in a full `cargo test`),
+    // so wait for it, within a bound.
+    let mut m = p.metrics();
+    while metric(&m, "playhead_flush_cycles_total") <= cycles_full {
+        assert!(
+            freed_at.elapsed() < Duration::from_secs(30),
+            "no flush cycle completed within 30 s after space was freed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        m = p.metrics();
+    }
     let cycles_back = metric(&m, "playhead_flush_cycles_total");
-    assert!(
-        cycles_back > cycles_full,
-        "no flush cycle completed after space was freed"
-    );
     assert_eq!(metric(&m, "playhead_store_healthy"), 1.0);
     let reopens = metric(&m, "playhead_embedded_reopens_total{outcome=\"ok\"}");
     assert!(reopens >= 1.0, "{m}");
