@@ -420,9 +420,9 @@ fn restart_and_collect(
 ) -> Vec<Vec<u64>> {
     // A generous read budget: these reads check what survived the kill. Under the default
     // 70 ms budget a store read slowed by a loaded machine is answered from memory, which
-    // after replay may hold an older value than the store (a snapshot's, superseded by a
-    // value flushed before the kill) — the documented slow-store fallback, seen once in a
-    // full `cargo test` run (read 23 ms older than acknowledged), not a loss.
+    // can hold an older value than the store (the documented slow-store fallback). One
+    // loaded full `cargo test` run read 23 ms older than acknowledged here; that this
+    // fallback was the cause is likely but not shown (docs/reliability.md, Known limits).
     let mut overrides = overrides.to_vec();
     overrides.push(o("STORE__READ_TIMEOUT_MS", 10_000));
     let mut p = Process::start(dir, &overrides);
