@@ -7,6 +7,8 @@
 #   VIEWERS="10000000" DURATION=300 bash bench/fleet.sh
 #   MODE=group bash bench/fleet.sh            # group commit instead of periodic fsync
 #   PEER=0 bash bench/fleet.sh                # skip the Redis row
+#   BIN=/tmp/playhead-a OUT=target/fleet-a VIEWERS=10000000 PEER=0 bash bench/fleet.sh
+#                                             # another server build, results kept apart
 #
 # Server: PLAYHEAD_SERVER__WORKER_THREADS=${SERVER_THREADS:-1}, otherwise its defaults, data
 # under a fresh temp dir on the work disk. Generator: --threads ${LOADGEN_THREADS:-1}.
@@ -29,14 +31,15 @@ LOADGEN_THREADS=${LOADGEN_THREADS:-1}
 MODE=${MODE:-periodic}
 PEER=${PEER:-1}
 PEER_VIEWERS=${PEER_VIEWERS:-"1000000"}
-OUT=target/fleet
+OUT=${OUT:-target/fleet}
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
 
-cargo build --release -q -p playhead -p playhead-loadgen
-BIN=target/release/playhead
-LOADGEN=target/release/playhead-loadgen
+# BIN (and LOADGEN) may name other builds, e.g. for an A/B of two commits alternated.
+if [ -z "${BIN:-}" ]; then cargo build --release -q -p playhead -p playhead-loadgen; fi
+BIN=${BIN:-target/release/playhead}
+LOADGEN=${LOADGEN:-target/release/playhead-loadgen}
 HTTP_PORT=${HTTP_PORT:-18080}
 BIN_PORT=${BIN_PORT:-17070}
 REDIS_PORT=${REDIS_PORT:-16379}

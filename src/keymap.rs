@@ -135,6 +135,9 @@ pub struct KeyMap<S> {
     /// One bit per slot: occupied.
     used: Vec<u64>,
     len: usize,
+    /// Bumped by every reallocation, which moves every entry: a scan done in pieces
+    /// ([`KeyMap::for_each_in`]) must start again when it changes.
+    generation: u64,
     hasher: S,
 }
 
@@ -144,6 +147,7 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
             slots: Vec::new(),
             used: Vec::new(),
             len: 0,
+            generation: 0,
             hasher,
         }
     }
@@ -168,6 +172,12 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
     /// Slots allocated.
     pub fn capacity(&self) -> usize {
         self.slots.len()
+    }
+
+    /// Changes whenever the table is reallocated (grown or shrunk). Between two reads of
+    /// the same generation, entries move only by [`KeyMap::remove`].
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Bytes the table has allocated.
@@ -455,6 +465,38 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
         }
     }
 
+    /// [`KeyMap::for_each`] over the slots `slots.start..slots.end` only (clipped to the
+    /// capacity; both ends rounded down to a multiple of 64). Successive ranges that cover
+    /// `0..capacity()` at one [`KeyMap::generation`], with no removal between them, see
+    /// every entry that was present throughout, exactly once.
+    #[inline]
+    pub fn for_each_in(&self, slots: std::ops::Range<usize>, mut f: impl FnMut(Key, Held)) {
+        let words = self.used.len();
+        let (from, to) = ((slots.start / 64).min(words), (slots.end / 64).min(words));
+        let to = if slots.end >= self.slots.len() {
+            words
+        } else {
+            to
+        };
+        for (w, &word) in self.used[from..to].iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let i = (from + w) * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let slot = &self.slots[i];
+                f(slot.key(), slot.held());
+            }
+        }
+    }
+
+    /// Removes `key` if it is present and `keep` says no to what it holds.
+    pub fn remove_unless(&mut self, key: &Key, keep: impl FnOnce(Held) -> bool) -> bool {
+        match self.get(key) {
+            Some(held) if !keep(held) => self.remove(key).is_some(),
+            _ => false,
+        }
+    }
+
     fn used_slots(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.slots.len()).filter(|&i| self.is_used(i))
     }
@@ -466,6 +508,7 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
         let old_slots = std::mem::replace(&mut self.slots, table);
         let old_used = std::mem::replace(&mut self.used, vec![0; slots.div_ceil(64)]);
         self.len = 0;
+        self.generation += 1;
         for (i, slot) in old_slots.iter().enumerate() {
             if old_used[i / 64] & (1 << (i % 64)) != 0 {
                 self.place(self.hash(&slot.key()), *slot);
