@@ -125,6 +125,10 @@ pub struct EngineStats {
     pub flush_seconds: crate::metrics::Histogram,
     /// Flush cycles that failed because a flush task panicked (the next cycle retries).
     pub flush_panics: AtomicU64,
+    /// Full flushes asked for by an operator ([`Engine::request_flush`]) that ended with
+    /// every key dirty at the request in the store, and those that failed.
+    pub flush_requests_done: AtomicU64,
+    pub flush_requests_failed: AtomicU64,
     /// Whether the latest flush cycles failed: `/readyz` says so while they do.
     pub flush_health: FlushHealth,
     pub purged_rows: AtomicU64,
@@ -177,6 +181,10 @@ pub struct Shared {
     pub(crate) epochs: parking_lot::Mutex<flusher::Epochs>,
     /// Flipped once on shutdown; background loops watch it.
     pub(crate) shutdown: watch::Sender<bool>,
+    /// An operator asked for a full flush ([`Engine::request_flush`]); the flush loop
+    /// waits for it next to its tick. A `Notify` keeps one permit, so a request made while
+    /// a cycle runs is served after it, and requests made meanwhile are served together.
+    pub(crate) flush_requested: tokio::sync::Notify,
     /// Wall-clock time for heartbeat stamps ([`Engine::now_ms`]).
     clock: model::Clock,
 }
@@ -271,6 +279,7 @@ impl Engine {
             flush_lock: tokio::sync::Mutex::new(()),
             epochs: parking_lot::Mutex::new(flusher::Epochs::new()),
             shutdown,
+            flush_requested: tokio::sync::Notify::new(),
             clock,
         });
         Ok((
@@ -473,6 +482,19 @@ impl Engine {
     /// `flush.max_rows_per_cycle`), retrying store errors until it succeeds.
     pub async fn flush(&self) -> Result<FlushReport, FlushError> {
         flusher::flush_cycle(&self.shared, flusher::Policy::All, None).await
+    }
+
+    /// Asks the background flush loop for a full flush and returns at once: cycles that
+    /// write every dirty key until the store holds (and has synced) every key that was
+    /// dirty when asked — the "flush first, switch second" of a handover (docs/deploy.md;
+    /// `playhead serve` calls it on SIGUSR1). The outcome is logged and counted in
+    /// `playhead_flush_requests_total{outcome}`. Needs [`Engine::spawn_background`].
+    pub fn request_flush(&self) {
+        tracing::info!(
+            dirty_keys = self.shared.coalescer.dirty_len(),
+            "full flush requested"
+        );
+        self.shared.flush_requested.notify_one();
     }
 
     /// Runs one cycle of the background cadence now: idle keys and due checkpoints only.

@@ -427,7 +427,7 @@ impl Backoff {
 }
 
 /// The flush cadence: a cycle every `flush.interval_ms` (a slow cycle delays the next one
-/// rather than overlapping it).
+/// rather than overlapping it), and the full flushes an operator asks for in between.
 pub async fn flush_loop(shared: Arc<Shared>) {
     // Each loop waits for the flag itself (`wait_for`), not for a change: a loop that first
     // runs after shutdown was signalled (its runtime starved of CPU, say) subscribes to the
@@ -437,12 +437,19 @@ pub async fn flush_loop(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        let requested = tokio::select! {
+            _ = tick.tick() => false,
+            _ = shared.flush_requested.notified() => true,
             _ = shutdown.wait_for(|stop| *stop) => return,
-        }
+        };
         if *shutdown.borrow() {
             return;
+        }
+        if requested {
+            if let Err(FlushError::Shutdown) = requested_flush(&shared).await {
+                return;
+            }
+            continue;
         }
         match flush_cycle(&shared, Policy::KeyAware, None).await {
             Ok(_) => {}
@@ -450,6 +457,45 @@ pub async fn flush_loop(shared: Arc<Shared>) {
             Err(e) => tracing::error!("flush cycle failed: {e}; the next cycle retries"),
         }
     }
+}
+
+/// A full flush an operator asked for ([`crate::engine::Engine::request_flush`]): cycles of
+/// [`Policy::All`] until one writes fewer than `flush.max_rows_per_cycle` rows, so when it
+/// ends every key that was dirty at the request is in the store and synced. Like any cycle
+/// it retries store errors until they pass; shutdown interrupts it (the final flush then
+/// writes the rest). Logged, and counted when it ends.
+async fn requested_flush(shared: &Arc<Shared>) -> Result<(), FlushError> {
+    let started = Instant::now();
+    let (mut rows, mut cycles) = (0_usize, 0_u32);
+    loop {
+        match flush_cycle(shared, Policy::All, None).await {
+            Ok(report) => {
+                rows += report.rows;
+                cycles += 1;
+                if report.rows < shared.config.flush.max_rows_per_cycle {
+                    break;
+                }
+            }
+            Err(FlushError::Shutdown) => return Err(FlushError::Shutdown),
+            Err(e) => {
+                let stats = &shared.stats;
+                stats.flush_requests_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("requested full flush failed: {e}; ask again");
+                return Err(e);
+            }
+        }
+    }
+    shared
+        .stats
+        .flush_requests_done
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        rows,
+        cycles,
+        ms = started.elapsed().as_millis() as u64,
+        "requested full flush done: every key dirty at the request is in the store"
+    );
+    Ok(())
 }
 
 /// Purges store rows older than the retention period, every `store.purge_interval_ms`.

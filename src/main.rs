@@ -204,15 +204,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(playhead::binary::serve(listener, state, listeners_stopped))
     });
     let stop = stop_signal()?;
+    let flush_on_usr1 = flush_on_sigusr1(engine.clone())?;
     tracing::info!(
         http = %http_addr,
         binary = %binary_addr,
         data_dir = %config.server.data_dir.display(),
         sync_mode = ?config.wal.sync_mode,
         flush_interval_ms = config.flush.interval_ms,
-        "playhead running; SIGTERM or SIGINT stops it"
+        "playhead running; SIGTERM or SIGINT stops it, SIGUSR1 flushes every dirty key"
     );
     stop.await;
+    flush_on_usr1.abort();
     tracing::info!(
         "shutting down: finishing requests, flushing the coalescer, syncing the commit log"
     );
@@ -274,6 +276,20 @@ fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => {}
         }
     })
+}
+
+/// Installs the SIGUSR1 handler: each signal asks for a full flush, run by the background
+/// flush loop ([`Engine::request_flush`]; the handover procedure of docs/deploy.md). It needs
+/// no authentication because only the node's operator can signal the process. Installed
+/// before the server says it runs, since SIGUSR1's default action ends the process.
+fn flush_on_sigusr1(engine: Engine) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    Ok(tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            engine.request_flush();
+        }
+    }))
 }
 
 fn init_tracing(level: &str) {

@@ -1,6 +1,7 @@
 //! A Playhead cluster on the embedded store: account-affine routing over HTTP through the
 //! real HAProxy with `deploy/haproxy.cfg`, over the binary protocol through
-//! `playhead::client::ClusterClient`, and what happens when a node dies.
+//! `playhead::client::ClusterClient`, what happens when a node dies, and the pieces of a
+//! handover (docs/deploy.md): a node's full flush on SIGUSR1.
 //!
 //! The HAProxy test needs the `haproxy` binary (Debian's package, installed by `.ci/run`).
 //! Where it is missing the test says so on stderr (uncaptured, so `cargo test` shows it) and
@@ -566,4 +567,65 @@ async fn a_node_that_fails_is_not_tried_again_within_the_same_call() {
         assert!(reply.rerouted > 0);
     }
     assert_eq!(client.status()[0].failures, 3, "tried again once per call");
+}
+
+/// Handover, "flush first, switch second" (docs/deploy.md): SIGUSR1 makes a running node
+/// write every key it acknowledged to its store. The cadence would write none of them
+/// within the test (idle after 10 min, checkpoints every hour): before the signal the store
+/// has no row; after it, with the commit log deleted (what the next owner of the accounts
+/// has is the store alone), a restart answers every key, newest value, from the store.
+#[test]
+fn sigusr1_flushes_every_acknowledged_key_to_the_store() {
+    const ACCOUNTS: u64 = 500;
+    let dir = tempfile::tempdir().unwrap();
+    let overrides = [
+        ("WAL__SYNC_MODE", "group".to_string()),
+        ("FLUSH__IDLE_MS", "600000".to_string()),
+        ("FLUSH__CHECKPOINT_MS", "3600000".to_string()),
+    ];
+    let mut node = Process::start(dir.path(), &overrides);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let nodes = ClusterNode::numbered(&[node.binary]);
+    let secret = playhead::config::BINARY_DEV_SECRET;
+    let mut client =
+        ClusterClient::new(&nodes, secret.as_bytes(), ClusterOptions::default()).unwrap();
+    let base_ms = now_ms() - 60_000;
+    // Three heartbeats per key; the last (position 300 + account) is the newest.
+    for round in 1..=3u32 {
+        let batch: Vec<WireRecord> = (1..=ACCOUNTS)
+            .map(|a| record(a, round * 100 + a as u32, base_ms + u64::from(round)))
+            .collect();
+        let reply = rt.block_on(client.write_batch(&batch)).unwrap();
+        assert_eq!(reply.accepted, ACCOUNTS as u32, "{reply:?}");
+    }
+    std::thread::sleep(Duration::from_millis(1_500));
+    let m = node.metrics();
+    assert_eq!(
+        metric(&m, "playhead_flush_rows_total"),
+        0.0,
+        "the cadence wrote"
+    );
+    let took = node.flush_now(Duration::from_secs(20));
+    let m = node.metrics();
+    assert_eq!(metric(&m, "playhead_flush_rows_total"), ACCOUNTS as f64);
+    assert_eq!(metric(&m, "playhead_coalescer_keys{state=\"dirty\"}"), 0.0);
+    eprintln!("SIGUSR1: {ACCOUNTS} keys stored in {took:?}");
+
+    // The node dies without its final flush and its commit log is gone: only the store
+    // holds the accounts now.
+    node.kill9();
+    std::fs::remove_dir_all(dir.path().join("wal")).unwrap();
+    let node = Process::start(dir.path(), &overrides);
+    for a in 1..=ACCOUNTS {
+        let answer = node.http(
+            "GET",
+            "/api/v1/stream?movie_id=inception",
+            Some(&token(a, 1, 600)),
+            None,
+        );
+        let v = answer.json();
+        assert_eq!(v["source"], "store", "account {a}: {v}");
+        assert_eq!(v["resume_position_seconds"], 300 + a, "account {a}: {v}");
+        assert_eq!(v["updated_at_ms"], base_ms + 3, "account {a}: {v}");
+    }
 }

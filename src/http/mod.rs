@@ -532,6 +532,24 @@ pub fn render(state: &AppState) -> String {
     );
     head(
         &mut out,
+        "playhead_flush_requests_total",
+        "counter",
+        "Full flushes asked for by an operator (SIGUSR1) that ended, by outcome.",
+    );
+    sample(
+        &mut out,
+        "playhead_flush_requests_total",
+        "outcome=\"done\"",
+        load(&e.flush_requests_done),
+    );
+    sample(
+        &mut out,
+        "playhead_flush_requests_total",
+        "outcome=\"failed\"",
+        load(&e.flush_requests_failed),
+    );
+    head(
+        &mut out,
         "playhead_flush_duration_seconds",
         "histogram",
         "Duration of flush cycles.",

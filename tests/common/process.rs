@@ -116,6 +116,42 @@ impl Process {
         self.child.wait().unwrap();
     }
 
+    /// SIGUSR1: ask the node for a full flush (docs/deploy.md, handover); returns at once.
+    pub fn request_flush(&self) {
+        let ok = Command::new("kill")
+            .args(["-USR1", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Asks for a full flush and waits (up to `limit`) until the node counts it done;
+    /// returns how long that took.
+    pub fn flush_now(&mut self, limit: Duration) -> Duration {
+        const DONE: &str = "playhead_flush_requests_total{outcome=\"done\"}";
+        let before = metric(&self.metrics(), DONE);
+        let started = Instant::now();
+        self.request_flush();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50));
+                panic!("playhead exited ({status}) after SIGUSR1:\n{}", self.log());
+            }
+            // Not `metrics()`: a node that SIGUSR1 killed answers nothing, and the next
+            // round says why.
+            let page = self.http("GET", "/metrics", None, None);
+            if page.status == 200 && metric(&page.body, DONE) > before {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < limit,
+                "the requested flush was not done within {limit:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM and wait for the exit (panics past `limit`); returns the status and how long
     /// the shutdown took.
     pub fn terminate(&mut self, limit: Duration) -> (ExitStatus, Duration) {
