@@ -1,7 +1,7 @@
 //! A Playhead cluster on the embedded store: account-affine routing over HTTP through the
 //! real HAProxy with `deploy/haproxy.cfg`, over the binary protocol through
 //! `playhead::client::ClusterClient`, what happens when a node dies, and the pieces of a
-//! handover (docs/deploy.md): a node's full flush on SIGUSR1.
+//! handover (docs/deploy.md): a node's full flush on SIGUSR1, HAProxy's runtime API.
 //!
 //! The HAProxy test needs the `haproxy` binary (Debian's package, installed by `.ci/run`).
 //! Where it is missing the test says so on stderr (uncaptured, so `cargo test` shows it) and
@@ -73,8 +73,16 @@ struct Haproxy {
 
 impl Haproxy {
     fn start(binary: &Path, nodes: &[SocketAddr]) -> Self {
+        Self::start_with_admin(binary, nodes, None)
+    }
+
+    /// [`Haproxy::start`], with the runtime API on the Unix socket `admin` when given.
+    fn start_with_admin(binary: &Path, nodes: &[SocketAddr], admin: Option<&Path>) -> Self {
         let (addr, stats) = (free_port(), free_port());
         let mut cmd = Command::new(binary);
+        if let Some(admin) = admin {
+            cmd.env("PLAYHEAD_LB_ADMIN_SOCKET", admin);
+        }
         cmd.args(["-db", "-f", CONFIG])
             .env("PLAYHEAD_LB_BIND", addr.to_string())
             .env("PLAYHEAD_LB_STATS", stats.to_string())
@@ -187,6 +195,17 @@ impl Haproxy {
             answer,
         }
     }
+}
+
+/// One command on HAProxy's runtime API (`PLAYHEAD_LB_ADMIN_SOCKET`); returns its answer.
+fn admin_command(socket: &Path, command: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()));
+    stream.write_all(format!("{command}\n").as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
 }
 
 /// The stats page as CSV (HAProxy sends it chunked); `None` while nothing listens.
@@ -421,6 +440,52 @@ fn one_accounts_devices_share_a_node_through_haproxy_and_move_when_it_dies() {
     assert_eq!(resume["updated_at_ms"], tv_last_ms, "{resume}");
     // Device names live in memory only (docs/api.md, `api.max_device_names`).
     assert!(resume.get("last_device_id").is_none(), "{resume}");
+}
+
+/// The leave and join procedures of docs/deploy.md move accounts with HAProxy's runtime API:
+/// `set server playhead/nodeN state maint` sends exactly the accounts of node N to the
+/// ring's next nodes (what a gateway's ring without node N computes), and `state ready`
+/// gives them back.
+#[test]
+fn the_admin_socket_takes_a_node_out_and_back_as_the_ring_does() {
+    let Some(haproxy) = haproxy_binary() else {
+        return;
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Process> = dirs.iter().map(|d| start_node(d.path(), None)).collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.http).collect();
+    let sockets = tempfile::tempdir().unwrap();
+    let socket = sockets.path().join("admin.sock");
+    let mut proxy = Haproxy::start_with_admin(&haproxy, &addrs, Some(&socket));
+    let ring = haproxy_ring();
+    let accounts = sample_accounts();
+    let leaving = 1;
+    let answer = admin_command(&socket, "set server playhead/node2 state maint");
+    assert!(answer.trim().is_empty(), "{answer}");
+    proxy.wait_for(Duration::from_secs(5), "node 2 in maintenance", |s| {
+        s[leaving].starts_with("MAINT")
+    });
+    for &a in &accounts {
+        let expect = ring.node_of(a, |n| n != leaving).unwrap();
+        assert_eq!(
+            haproxy_node_of(&proxy, a),
+            expect,
+            "account {a}, node 2 out"
+        );
+    }
+    let answer = admin_command(&socket, "set server playhead/node2 state ready");
+    assert!(answer.trim().is_empty(), "{answer}");
+    proxy.wait_for(Duration::from_secs(5), "node 2 back", |s| {
+        s[leaving] == "UP"
+    });
+    for &a in &accounts {
+        let expect = ring.node_of(a, |_| true).unwrap();
+        assert_eq!(
+            haproxy_node_of(&proxy, a),
+            expect,
+            "account {a}, node 2 back"
+        );
+    }
 }
 
 fn record(account: u64, position: u32, timestamp_ms: u64) -> WireRecord {
