@@ -635,9 +635,8 @@ async fn a_node_that_fails_is_not_tried_again_within_the_same_call() {
 }
 
 /// Handover, "flush first, switch second" (docs/deploy.md): SIGUSR1 makes a running node
-/// write every key it acknowledged to its store. The cadence would write none of them
-/// within the test (idle after 10 min, checkpoints every hour): before the signal the store
-/// has no row; after it, with the commit log deleted (what the next owner of the accounts
+/// write every key it acknowledged to its store. The cadence would write (almost) none of
+/// them within the test (idle after 10 min, checkpoints once a day); after the signal, with the commit log deleted (what the next owner of the accounts
 /// has is the store alone), a restart answers every key, newest value, from the store.
 #[test]
 fn sigusr1_flushes_every_acknowledged_key_to_the_store() {
@@ -646,7 +645,7 @@ fn sigusr1_flushes_every_acknowledged_key_to_the_store() {
     let overrides = [
         ("WAL__SYNC_MODE", "group".to_string()),
         ("FLUSH__IDLE_MS", "600000".to_string()),
-        ("FLUSH__CHECKPOINT_MS", "3600000".to_string()),
+        ("FLUSH__CHECKPOINT_MS", "86400000".to_string()),
     ];
     let mut node = Process::start(dir.path(), &overrides);
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -664,12 +663,10 @@ fn sigusr1_flushes_every_acknowledged_key_to_the_store() {
         assert_eq!(reply.accepted, ACCOUNTS as u32, "{reply:?}");
     }
     std::thread::sleep(Duration::from_millis(1_500));
-    let m = node.metrics();
-    assert_eq!(
-        metric(&m, "playhead_flush_rows_total"),
-        0.0,
-        "the cadence wrote"
-    );
+    // A checkpoint falls at a phase fixed by its key, so a key or two may be written by
+    // the cadence within the test (each with a chance of 2.5 s in a day).
+    let by_cadence = metric(&node.metrics(), "playhead_flush_rows_total");
+    assert!(by_cadence <= 5.0, "the cadence wrote {by_cadence} rows");
     let took = node.flush_now(Duration::from_secs(20));
     let m = node.metrics();
     assert_eq!(metric(&m, "playhead_flush_rows_total"), ACCOUNTS as f64);
