@@ -643,6 +643,27 @@ fn alert_rules_pass_promtool_and_name_only_served_metrics() {
         unserved.is_empty(),
         "alerts.yml names metrics not served: {unserved:?}"
     );
+    // Every alert has its section in docs/metrics.md, and its runbook_url points there.
+    let doc = read("docs/metrics.md");
+    let headings: BTreeSet<_> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("### "))
+        .map(str::trim)
+        .collect();
+    let alerts: Vec<_> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .map(str::trim)
+        .collect();
+    assert!(alerts.len() >= 10, "only {} alerts parsed", alerts.len());
+    for alert in &alerts {
+        assert!(
+            headings.contains(alert),
+            "docs/metrics.md has no `### {alert}`"
+        );
+        let url = format!("runbook_url: \"docs/metrics.md#{}\"", alert.to_lowercase());
+        assert!(rules.contains(&url), "{alert}: no {url}");
+    }
     // The synthetic series of the rule tests must be real metrics too.
     let tests = read("deploy/prometheus/alerts_test.yml");
     let (unserved, _) = unserved_metrics(&tests);
