@@ -337,7 +337,9 @@ async fn fleet_connection(
             }
             _ = until(intended, now), if can_send => {
                 let now_ms = playhead::model::now_ms();
-                let start = latency_start(intended, Instant::now());
+                let sent_at = Instant::now();
+                let start = latency_start(intended, sent_at);
+                stats.record_lateness(sent_at.saturating_duration_since(intended));
                 due_now.clear();
                 fleet.due(tick, now_ms, titles, |s| due_now.push(s));
                 tick += 1;

@@ -43,7 +43,7 @@ pub struct Window {
 
 impl Window {
     pub fn new(warmup: Duration, duration: Duration) -> Self {
-        let start = Instant::now();
+        let start = timeline_origin().0;
         Self {
             start,
             measure_from: start + warmup,
@@ -71,6 +71,26 @@ pub struct TaskStats {
     pub rejected: u64,
     pub errors: u64,
     pub reads: u64,
+    /// The worst latency (µs) of each second, by whole seconds since [`timeline_origin`]:
+    /// where in a run the tail came from, to set against the server's log.
+    pub worst_us_per_sec: Vec<u64>,
+    /// The same for how late the generator sent against its schedule (`fleet`): the part
+    /// of a latency sample that is the generator's own.
+    pub late_us_per_sec: Vec<u64>,
+}
+
+/// Seconds a latency timeline covers at most (an hour): its memory stays bounded.
+const TIMELINE_SECS: usize = 3600;
+
+/// The instant latency timelines count from, and the wall-clock time then (Unix ms).
+pub fn timeline_origin() -> (Instant, u64) {
+    static ORIGIN: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
+    *ORIGIN.get_or_init(|| {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        (Instant::now(), unix_ms)
+    })
 }
 
 impl TaskStats {
@@ -84,12 +104,20 @@ impl TaskStats {
             rejected: 0,
             errors: 0,
             reads: 0,
+            worst_us_per_sec: Vec::new(),
+            late_us_per_sec: Vec::new(),
         }
     }
 
     pub fn record_latency(&mut self, elapsed: Duration) {
         let us = (elapsed.as_micros() as u64).clamp(1, 60_000_000);
         let _ = self.latency_us.record(us);
+        worst_this_second(&mut self.worst_us_per_sec, us);
+    }
+
+    /// A send `late` after its scheduled time.
+    pub fn record_lateness(&mut self, late: Duration) {
+        worst_this_second(&mut self.late_us_per_sec, late.as_micros() as u64);
     }
 
     pub fn merge(&mut self, other: &TaskStats) {
@@ -101,6 +129,28 @@ impl TaskStats {
         self.rejected += other.rejected;
         self.errors += other.errors;
         self.reads += other.reads;
+        max_each(&mut self.worst_us_per_sec, &other.worst_us_per_sec);
+        max_each(&mut self.late_us_per_sec, &other.late_us_per_sec);
+    }
+}
+
+/// Keeps `us` in `timeline`'s slot for the current second if it is the worst there.
+fn worst_this_second(timeline: &mut Vec<u64>, us: u64) {
+    let second = timeline_origin().0.elapsed().as_secs() as usize;
+    if second < TIMELINE_SECS {
+        if timeline.len() <= second {
+            timeline.resize(second + 1, 0);
+        }
+        timeline[second] = timeline[second].max(us);
+    }
+}
+
+fn max_each(mine: &mut Vec<u64>, theirs: &[u64]) {
+    if mine.len() < theirs.len() {
+        mine.resize(theirs.len(), 0);
+    }
+    for (m, t) in mine.iter_mut().zip(theirs) {
+        *m = (*m).max(*t);
     }
 }
 
@@ -116,6 +166,12 @@ pub struct Latency {
     pub mean: f64,
     /// (percentile, milliseconds) points of the whole curve.
     pub curve: Vec<(f64, f64)>,
+    /// The worst latency of each second (ms; 0 where nothing was answered), the first
+    /// starting at `timeline_start_unix_ms`: warm-up included, to line up with server logs.
+    pub worst_per_sec: Vec<f64>,
+    /// The worst lateness of the generator's sends in each second (ms), same seconds.
+    pub late_per_sec: Vec<f64>,
+    pub timeline_start_unix_ms: u64,
 }
 
 #[derive(Serialize, Default)]
@@ -198,6 +254,9 @@ impl Report {
                 p99: ms(h.value_at_quantile(0.99)),
                 p999: ms(h.value_at_quantile(0.999)),
                 max: ms(h.max()),
+                worst_per_sec: stats.worst_us_per_sec.iter().map(|&us| ms(us)).collect(),
+                late_per_sec: stats.late_us_per_sec.iter().map(|&us| ms(us)).collect(),
+                timeline_start_unix_ms: timeline_origin().1,
                 mean: h.mean() / 1000.0,
                 curve,
             },
@@ -337,4 +396,26 @@ impl Report {
 /// Reads a live counter.
 pub fn load(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Merged timelines keep each second's worst of every connection, whatever their
+    /// lengths.
+    #[test]
+    fn merged_timelines_keep_each_seconds_worst() {
+        let mut a = TaskStats::new();
+        let mut b = TaskStats::new();
+        a.worst_us_per_sec = vec![5, 1];
+        b.worst_us_per_sec = vec![3, 7, 2];
+        b.late_us_per_sec = vec![4];
+        a.merge(&b);
+        assert_eq!(a.worst_us_per_sec, vec![5, 7, 2]);
+        assert_eq!(a.late_us_per_sec, vec![4]);
+        a.record_latency(Duration::from_micros(9));
+        let now = timeline_origin().0.elapsed().as_secs() as usize;
+        assert!(a.worst_us_per_sec[now] >= 9);
+    }
 }
