@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A cluster run: three Playhead nodes on loopback (embedded store each) behind HAProxy with
 # deploy/haproxy.cfg; `fleet --servers` sends every heartbeat to its account's node through
-# playhead::client::ClusterClient and `--verify` reads the keys back through HAProxy, so a
+# playhead::ingest::binary::client::ClusterClient and `--verify` reads the keys back through HAProxy, so a
 # disagreement between the ring and HAProxy shows as mismatches. Then the same fleet against
 # one node, for comparison on the same machine.
 #

@@ -9,7 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use playhead::coalescer::{Checkpoint, Coalescer, Pick};
+use playhead::engine::coalescer::{Checkpoint, Coalescer, Pick};
 use playhead::model::{Key, Record, Value};
 
 const KEYS: u64 = 1_000_000;

@@ -16,10 +16,10 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use playhead::config::Config;
 use playhead::engine::Engine;
-use playhead::http::HttpMetrics;
-use playhead::metrics::Histogram;
+use playhead::ingest::metrics::IngestMetrics;
 use playhead::model::{Key, Record, Value};
 use playhead::store::EmbeddedStore;
+use playhead::telemetry::metrics::Histogram;
 
 const BATCH: usize = 1024;
 const KEYS: u64 = 1 << 20;
@@ -39,7 +39,7 @@ fn metrics(c: &mut Criterion) {
     config.wal.max_buffer_bytes = 1 << 30;
     let store = Arc::new(EmbeddedStore::open(&config.embedded_store_dir(), 8 << 20).unwrap());
     let (engine, _) = Engine::open(config, store).unwrap();
-    let http = HttpMetrics::default();
+    let http = IngestMetrics::default();
     let latency = Histogram::default();
 
     let mut group = c.benchmark_group("metrics_share");

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 use playhead::config::SyncMode;
+use playhead::engine::wal::{Wal, WalOptions};
 use playhead::model::{Key, Record, Value};
-use playhead::wal::{Wal, WalOptions};
 
 fn options(dir: &std::path::Path, mode: SyncMode) -> WalOptions {
     WalOptions {
@@ -111,7 +111,7 @@ fn replay(c: &mut Criterion) {
                     let e = e.unwrap();
                     std::fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
                 }
-                let coalescer = playhead::coalescer::Coalescer::new(64, 4_000_000);
+                let coalescer = playhead::engine::coalescer::Coalescer::new(64, 4_000_000);
                 let started = Instant::now();
                 // As the engine replays: chunks of 256 k records applied on 2 threads.
                 let mut pending = Vec::with_capacity(262_144);

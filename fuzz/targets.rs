@@ -7,10 +7,10 @@
 
 use std::sync::OnceLock;
 
-use playhead::auth::{AuthConfig, Verifier};
+use playhead::engine::wal::{self, ReplayReport};
+use playhead::ingest::auth::{AuthConfig, Verifier};
+use playhead::ingest::binary::codec::{self, Frame};
 use playhead::model::Record;
-use playhead::protocol::{self, Frame};
-use playhead::wal::{self, ReplayReport};
 
 /// The binary protocol's frame decoder, fed a byte stream the way the server reads one:
 /// frame after frame until it needs more bytes or refuses.
@@ -19,29 +19,28 @@ pub fn frame_decoder(data: &[u8]) {
     let mut at = 0;
     while at < data.len() {
         let rest = &data[at..];
-        if let Some(head) = rest.first_chunk::<{ protocol::HEADER_BYTES }>() {
+        if let Some(head) = rest.first_chunk::<{ codec::HEADER_BYTES }>() {
             // The header check alone agrees with the whole-frame decoder on refusals.
-            if let Err(e) = protocol::decode_header(head, MAX) {
-                assert_eq!(protocol::decode_frame(rest, MAX).unwrap_err(), e);
+            if let Err(e) = codec::decode_header(head, MAX) {
+                assert_eq!(codec::decode_frame(rest, MAX).unwrap_err(), e);
                 return;
             }
         }
-        match protocol::decode_frame(rest, MAX) {
+        match codec::decode_frame(rest, MAX) {
             Ok(Some((frame, used))) => {
-                assert!((protocol::HEADER_BYTES..=rest.len()).contains(&used));
-                let (again, used_again) =
-                    protocol::decode_checked_frame(rest, MAX).unwrap().unwrap();
+                assert!((codec::HEADER_BYTES..=rest.len()).contains(&used));
+                let (again, used_again) = codec::decode_checked_frame(rest, MAX).unwrap().unwrap();
                 assert_eq!((&again, used_again), (&frame, used));
                 match frame {
                     Frame::Batch { records, .. } => {
-                        assert_eq!(records.len() % protocol::RECORD_BYTES, 0);
+                        assert_eq!(records.len() % codec::RECORD_BYTES, 0);
                         let n = Frame::records(records).count();
-                        assert_eq!(n * protocol::RECORD_BYTES, records.len());
+                        assert_eq!(n * codec::RECORD_BYTES, records.len());
                     }
                     Frame::Ack { rejections, .. } => {
                         let _ = Frame::rejections(rejections).count();
                     }
-                    Frame::Hello { secret } => assert!(secret.len() <= protocol::MAX_SECRET_BYTES),
+                    Frame::Hello { secret } => assert!(secret.len() <= codec::MAX_SECRET_BYTES),
                     Frame::Error { message, .. } => assert!(message.len() <= used),
                     Frame::HelloOk(_) | Frame::Busy { .. } => {}
                 }
@@ -92,7 +91,7 @@ pub fn json_body(data: &[u8]) {
 
 fn serde_path_to_error_free(
     de: &mut serde_json::Deserializer<serde_json::de::SliceRead<'_>>,
-) -> Result<playhead::http::api::ProgressBody, serde_json::Error> {
+) -> Result<playhead::ingest::http::api::ProgressBody, serde_json::Error> {
     let body = serde::Deserialize::deserialize(&mut *de)?;
     de.end()?;
     Ok(body)
@@ -117,13 +116,13 @@ pub fn jwt(data: &[u8]) {
 
     let header = b64(br#"{"alg":"HS256","typ":"JWT"}"#);
     let input = format!("{header}.{}", b64(data));
-    let key = jsonwebtoken::EncodingKey::from_secret(playhead::auth::DEV_SECRET.as_bytes());
+    let key = jsonwebtoken::EncodingKey::from_secret(playhead::ingest::auth::DEV_SECRET.as_bytes());
     let signature =
         jsonwebtoken::crypto::sign(input.as_bytes(), &key, jsonwebtoken::Algorithm::HS256).unwrap();
     if let Ok(principal) = verifier().verify(&format!("{input}.{signature}")) {
         // (Through the claims type, not `serde_json::Value`: fields the type ignores are
         // skipped leniently, e.g. a lone surrogate escape in an unknown string claim.)
-        let claims: playhead::auth::Claims =
+        let claims: playhead::ingest::auth::Claims =
             serde_json::from_slice(data).expect("accepted claims parse as the claims type");
         assert_eq!(claims.account_id, principal.account_id);
         assert_eq!(claims.profile_id, principal.profile_id);

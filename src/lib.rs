@@ -1,22 +1,21 @@
 //! Playhead keeps every viewer's resume position.
 //!
-//! Heartbeats flow ingest → commit log ([`wal`]) → sharded [`coalescer`] → [`flusher`] →
-//! [`store`]; reads go coalescer → store. [`engine::Engine`] ties the pieces together and is
-//! what the servers (HTTP, binary) hold.
+//! The tree follows one heartbeat, sources → engine → sinks:
+//! - [`ingest`]: the two listeners ([`ingest::http`] for devices, [`ingest::binary`] for
+//!   gateways) and what they share: validating and stamping heartbeats, connection limits,
+//!   their metrics, authentication;
+//! - [`engine`]: the facade both listeners hold — commit log ([`engine::wal`]) → sharded
+//!   [`engine::coalescer`] → [`engine::flusher`] — and the read path (memory, then store);
+//! - [`store`]: where flushed positions live (embedded fjall, or Cassandra/ScyllaDB);
+//! - [`resume`]: the product's rules on top of reads (completion, next episode,
+//!   continue-watching, device names) and the [`resume::catalog`];
+//! - [`telemetry`]: metric primitives and the CPU priority of background work;
+//! - [`config`] assembles every component's section; [`model`] is the shared vocabulary.
 
-pub mod auth;
-pub mod binary;
-pub mod catalog;
-pub mod client;
-pub mod coalescer;
 pub mod config;
 pub mod engine;
-pub mod flusher;
-pub mod http;
-pub mod keymap;
-pub mod metrics;
+pub mod ingest;
 pub mod model;
-pub mod priority;
-pub mod protocol;
+pub mod resume;
 pub mod store;
-pub mod wal;
+pub mod telemetry;

@@ -10,11 +10,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
 
-use playhead::auth::{self, Verifier};
-use playhead::catalog::Catalog;
 use playhead::config::{Config, StoreKind};
 use playhead::engine::Engine;
-use playhead::http::{self, AppState};
+use playhead::ingest::auth::{self, Verifier};
+use playhead::ingest::http::{self, AppState};
+use playhead::ingest::{binary, Ingest};
+use playhead::resume::catalog::Catalog;
 use playhead::store::{cassandra, CassandraStore, EmbeddedStore, FaultyStore, Store};
 
 #[global_allocator]
@@ -140,7 +141,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    playhead::wal::create_private_dir(&config.server.data_dir).with_context(|| {
+    playhead::engine::wal::create_private_dir(&config.server.data_dir).with_context(|| {
         format!(
             "creating the data directory {}",
             config.server.data_dir.display()
@@ -152,7 +153,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let store = EmbeddedStore::open(&dir, config.store.embedded.cache_bytes)
                 .with_context(|| format!("opening the embedded store in {}", dir.display()))?;
             // Memtable flushes and compaction only have to keep up on average: let ingest
-            // and reads preempt them (playhead::priority), also after a reopen.
+            // and reads preempt them (playhead::telemetry::priority), also after a reopen.
             store.lower_worker_priority(config.server.background_nice);
             Arc::new(store)
         }
@@ -172,7 +173,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let http_addr = listener.local_addr().context("reading the HTTP address")?;
     warn_if_exposed(&config, &verifier, http_addr);
     let binary_listener = if config.binary.enabled {
-        let listener = playhead::binary::bind(&config.binary)
+        let listener = binary::bind(&config.binary)
             .with_context(|| format!("binding the binary listener {}", config.binary.listen))?;
         let addr = listener
             .local_addr()
@@ -190,7 +191,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let background = engine
         .spawn_background()
         .context("starting the background runtime")?;
-    let state = Arc::new(AppState::new(engine.clone(), catalog, verifier));
+    let ingest = Arc::new(Ingest::new(engine.clone(), catalog));
+    let state = Arc::new(AppState::new(Arc::clone(&ingest), verifier));
     let (stop_listeners, listeners_stopped) = tokio::sync::watch::channel(false);
     let http_server = tokio::spawn(http::serve(
         listener,
@@ -200,9 +202,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let binary_addr = binary_listener
         .as_ref()
         .map_or_else(|| "disabled".to_string(), |(_, addr)| addr.to_string());
-    let binary_server = binary_listener.map(|(listener, _)| {
-        tokio::spawn(playhead::binary::serve(listener, state, listeners_stopped))
-    });
+    let binary_server = binary_listener
+        .map(|(listener, _)| tokio::spawn(binary::serve(listener, ingest, listeners_stopped)));
     let stop = stop_signal()?;
     let flush_on_usr1 = flush_on_sigusr1(engine.clone())?;
     tracing::info!(

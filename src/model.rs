@@ -178,7 +178,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// Where the server reads wall-clock time from: heartbeat stamps and the skew clamp
-/// ([`crate::engine::Engine::now_ms`]), token expiry ([`crate::auth::Verifier`]). The
+/// ([`crate::engine::Engine::now_ms`]), token expiry ([`crate::ingest::auth::Verifier`]). The
 /// system clock in the server; tests that need time to pass (a token expiring, the skew
 /// allowance running out) move a [`Clock::manual`] clock instead of sleeping, as the
 /// circuit breaker's tests do with theirs ([`crate::store::breaker::Clock`]).

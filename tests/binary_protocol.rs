@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use common::TestServer;
-use playhead::catalog::title_id_of;
-use playhead::client::{Client, ClientError, Reply};
 use playhead::config::SyncMode;
-use playhead::protocol::{self, ErrorCode, FrameType, RejectCode, WireRecord};
+use playhead::ingest::binary::client::{Client, ClientError, Reply};
+use playhead::ingest::binary::codec::{
+    self as protocol, ErrorCode, FrameType, RejectCode, WireRecord,
+};
+use playhead::resume::catalog::title_id_of;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn record(account: u64, movie: &str, position: u32, timestamp_ms: u64) -> WireRecord {

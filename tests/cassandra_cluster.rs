@@ -33,10 +33,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::process::{metric, Process};
-use playhead::catalog::title_id_of;
-use playhead::client::{ClusterClient, ClusterNode, ClusterOptions};
+use playhead::ingest::binary::client::{ClusterClient, ClusterNode, ClusterOptions};
+use playhead::ingest::binary::codec::WireRecord;
 use playhead::model::{now_ms, Key};
-use playhead::protocol::WireRecord;
+use playhead::resume::catalog::title_id_of;
 use playhead::store::Store;
 
 const MOVIE: &str = "inception";
@@ -150,7 +150,8 @@ fn o(key: &'static str, value: impl ToString) -> (&'static str, String) {
 }
 
 fn token(account_id: u64) -> String {
-    playhead::auth::mint_hs256(playhead::auth::DEV_SECRET, account_id, 1, 600).unwrap()
+    playhead::ingest::auth::mint_hs256(playhead::ingest::auth::DEV_SECRET, account_id, 1, 600)
+        .unwrap()
 }
 
 /// Fresh accounts for one run: `count` ids from a random base below 2^53.

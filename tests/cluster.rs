@@ -1,7 +1,8 @@
 //! A Playhead cluster on the embedded store: account-affine routing over HTTP through the
 //! real HAProxy with `deploy/haproxy.cfg`, over the binary protocol through
-//! `playhead::client::ClusterClient`, what happens when a node dies, and the pieces of a
-//! handover (docs/deploy.md): a node's full flush on SIGUSR1, HAProxy's runtime API.
+//! `playhead::ingest::binary::client::ClusterClient`, what happens when a node dies, and the
+//! pieces of a handover (docs/deploy.md): a node's full flush on SIGUSR1, HAProxy's runtime
+//! API.
 //!
 //! The HAProxy test needs the `haproxy` binary (Debian's package, installed by `.ci/run`).
 //! Where it is missing the test says so on stderr (uncaptured, so `cargo test` shows it) and
@@ -18,12 +19,14 @@ use std::time::{Duration, Instant};
 
 use common::process::{http_request, metric, HttpAnswer, Process};
 use common::TestServer;
-use playhead::auth;
-use playhead::catalog::title_id_of;
-use playhead::client::ring::{Ring, RingNode, DEFAULT_WEIGHT, MAX_HAPROXY_ACCOUNT_ID};
-use playhead::client::{ClusterClient, ClusterError, ClusterNode, ClusterOptions};
+use playhead::ingest::auth;
+use playhead::ingest::binary::client::ring::{
+    Ring, RingNode, DEFAULT_WEIGHT, MAX_HAPROXY_ACCOUNT_ID,
+};
+use playhead::ingest::binary::client::{ClusterClient, ClusterError, ClusterNode, ClusterOptions};
+use playhead::ingest::binary::codec::WireRecord;
 use playhead::model::{now_ms, Key};
-use playhead::protocol::WireRecord;
+use playhead::resume::catalog::title_id_of;
 
 const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg");
 const NODES: usize = 3;
@@ -368,7 +371,7 @@ fn one_accounts_devices_share_a_node_through_haproxy_and_move_when_it_dies() {
         assert_eq!(got, expect, "node {i} (owner {owner})");
     }
 
-    // The ring of playhead::client picks HAProxy's node for every account.
+    // The ring of playhead::ingest::binary::client picks HAProxy's node for every account.
     let ring = haproxy_ring();
     let accounts = sample_accounts();
     for &a in &accounts {

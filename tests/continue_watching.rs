@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use rand::{Rng, SeedableRng};
 
 use common::TestServer;
-use playhead::catalog::{title_id_of, Catalog};
 use playhead::model::{Key, Record, Value};
+use playhead::resume::catalog::{title_id_of, Catalog};
 
 const MOVIES: usize = 700;
 const SERIES: usize = 40;
@@ -151,7 +151,7 @@ async fn store_all(s: &TestServer, records: &[Record]) {
         s.engine.write(chunk).await.unwrap();
         s.engine.flush().await.unwrap();
     }
-    assert_eq!(s.engine.shared().coalescer.len(), 0, "all in the store");
+    assert_eq!(s.engine.keys_in_memory(), 0, "all in the store");
 }
 
 fn position(rng: &mut impl Rng) -> u32 {
@@ -198,7 +198,7 @@ async fn the_list_equals_a_full_sort_of_every_title_in_memory_and_store() {
             model.apply(title_id_of(id), v);
         }
         store_all(&s, &batch).await;
-        assert_eq!(s.engine.shared().coalescer.len(), 0, "all in the store");
+        assert_eq!(s.engine.keys_in_memory(), 0, "all in the store");
         // In memory only: titles the store never saw, newer and late (older) values of
         // stored titles, deletes; each written on its own, as heartbeats arrive.
         for _ in 0..50 {

@@ -116,7 +116,7 @@ struct Model {
 
 impl Model {
     fn wrote(&mut self, engine: &Engine, written: &[(u8, Value)]) {
-        let lsn = engine.shared().wal.appended_lsn();
+        let lsn = engine.appended_lsn();
         self.pending
             .extend(written.iter().map(|&(k, v)| (lsn, k, v)));
     }
@@ -220,9 +220,9 @@ async fn run(ops: Vec<Op>, mode: SyncMode) {
             Op::Crash => {
                 let mut stored = Vec::new();
                 for k in 0u8..12 {
-                    stored.push(engine.shared().store.get(key(k)).await.unwrap());
+                    stored.push(engine.get_stored(key(k)).await.unwrap());
                 }
-                let appended = engine.shared().wal.appended_lsn();
+                let appended = engine.appended_lsn();
                 let written = engine.crash();
                 if mode == SyncMode::Group {
                     assert_eq!(

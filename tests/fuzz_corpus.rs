@@ -132,7 +132,9 @@ fn jwt_survives_random_and_mutated_input() {
 #[ignore]
 fn write_seed_corpus() {
     use bytes::BytesMut;
-    use playhead::protocol::{self, ErrorCode, RejectCode, ServerLimits, WireRecord};
+    use playhead::ingest::binary::codec::{
+        self as protocol, ErrorCode, RejectCode, ServerLimits, WireRecord,
+    };
     let write = |target: &str, name: &str, bytes: &[u8]| {
         let dir = corpus_dir(target);
         std::fs::create_dir_all(&dir).unwrap();
@@ -142,7 +144,7 @@ fn write_seed_corpus() {
     let rec = |i: u64| WireRecord {
         account_id: i,
         profile_id: 1,
-        title_id: playhead::catalog::title_id_of("inception"),
+        title_id: playhead::resume::catalog::title_id_of("inception"),
         position_seconds: i as u32,
         device_id: 7,
         timestamp_ms: 1_760_000_000_000 + i,
@@ -219,8 +221,8 @@ fn write_seed_corpus() {
     // Commit-log bytes (file header removed), written by the real log.
     use playhead::model::{Key, Record, Value};
     let dir = tempfile::tempdir().unwrap();
-    let (wal, _) = playhead::wal::Wal::open(
-        playhead::wal::WalOptions {
+    let (wal, _) = playhead::engine::wal::Wal::open(
+        playhead::engine::wal::WalOptions {
             dir: dir.path().to_path_buf(),
             sync_mode: playhead::config::SyncMode::Periodic,
             sync_interval_ms: 10,

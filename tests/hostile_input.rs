@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use common::{Response, TestServer};
-use playhead::catalog::title_id_of;
-use playhead::protocol::{self, ErrorCode, WireRecord};
+use playhead::ingest::binary::codec::{self as protocol, ErrorCode, WireRecord};
+use playhead::resume::catalog::title_id_of;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn now_ms() -> u64 {
@@ -397,7 +397,7 @@ async fn extreme_record_values_are_refused_or_clamped_one_by_one() {
         },
     ];
     match c.write_batch(&records).await.unwrap() {
-        playhead::client::Reply::Ack {
+        playhead::ingest::binary::client::Reply::Ack {
             accepted,
             rejections,
             ..
@@ -434,7 +434,7 @@ async fn extreme_record_values_are_refused_or_clamped_one_by_one() {
     let (mut tx, mut rx, _) = c.into_split();
     tx.send_frame(&empty).await.unwrap();
     match rx.recv().await {
-        Err(playhead::client::ClientError::Server { code, .. }) => {
+        Err(playhead::ingest::binary::client::ClientError::Server { code, .. }) => {
             assert_eq!(code, Some(ErrorCode::Malformed))
         }
         other => panic!("{other:?}"),

@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::process::{metric, parse_answer, Process};
-use playhead::client::{Client, Reply};
+use playhead::ingest::binary::client::{Client, Reply};
+use playhead::ingest::binary::codec::WireRecord;
 use playhead::model::Key;
-use playhead::protocol::WireRecord;
 use playhead::store::{EmbeddedStore, Store};
 use rand::Rng;
 use tokio::sync::{watch, Semaphore};
@@ -37,7 +37,8 @@ fn now_ms() -> u64 {
 }
 
 fn token(account_id: u64) -> String {
-    playhead::auth::mint_hs256(playhead::auth::DEV_SECRET, account_id, 1, 600).unwrap()
+    playhead::ingest::auth::mint_hs256(playhead::ingest::auth::DEV_SECRET, account_id, 1, 600)
+        .unwrap()
 }
 
 /// Who writes what. Key `k` of connection `c` is (`base_account + c * keys_per_conn + k`, 1,
@@ -77,7 +78,7 @@ impl Workload {
         Key::new(
             self.account(conn, k),
             1,
-            playhead::catalog::title_id_of(MOVIE),
+            playhead::resume::catalog::title_id_of(MOVIE),
         )
     }
 
@@ -95,7 +96,7 @@ impl Workload {
             .map(|k| WireRecord {
                 account_id: self.account(conn, k),
                 profile_id: 1,
-                title_id: playhead::catalog::title_id_of(MOVIE),
+                title_id: playhead::resume::catalog::title_id_of(MOVIE),
                 position_seconds: (j % POSITION_MODULO) as u32,
                 device_id: 1,
                 timestamp_ms: self.ts(j),
@@ -630,8 +631,8 @@ fn periodic_mode_loss_window_is_bounded() {
 /// `FRAME_RECORDS` records with distinct keys, and returns every record in order.
 fn write_log(wal_dir: &Path, frames: u64) -> Vec<playhead::model::Record> {
     use playhead::model::{Record, Value};
-    let (wal, _) = playhead::wal::Wal::open(
-        playhead::wal::WalOptions {
+    let (wal, _) = playhead::engine::wal::Wal::open(
+        playhead::engine::wal::WalOptions {
             dir: wal_dir.to_path_buf(),
             sync_mode: playhead::config::SyncMode::Periodic,
             sync_interval_ms: 10,
@@ -641,7 +642,7 @@ fn write_log(wal_dir: &Path, frames: u64) -> Vec<playhead::model::Record> {
         |_| {},
     )
     .unwrap();
-    let title = playhead::catalog::title_id_of(MOVIE);
+    let title = playhead::resume::catalog::title_id_of(MOVIE);
     let ts = now_ms() - 60_000;
     let mut all = Vec::new();
     for f in 0..frames {
@@ -760,7 +761,7 @@ fn torn_and_corrupt_commit_log_recovers_every_intact_frame() {
         ));
     }
 
-    let title = playhead::catalog::title_id_of(MOVIE);
+    let title = playhead::resume::catalog::title_id_of(MOVIE);
     for (name, damage, kept, reported) in cases {
         let dir = tempfile::tempdir().unwrap();
         let wal = dir.path().join("wal");
@@ -801,8 +802,8 @@ fn torn_and_corrupt_commit_log_recovers_every_intact_frame() {
                 "GET",
                 &format!("/api/v1/stream?movie_id={MOVIE}"),
                 Some(
-                    &playhead::auth::mint_hs256(
-                        playhead::auth::DEV_SECRET,
+                    &playhead::ingest::auth::mint_hs256(
+                        playhead::ingest::auth::DEV_SECRET,
                         r.key.account_id,
                         1,
                         600,
@@ -866,14 +867,15 @@ fn random_log_damage_replays_exactly_the_intact_frames() {
         }
         std::fs::write(&path, &bytes).unwrap();
         let mut seen = Vec::new();
-        let opts = playhead::wal::WalOptions {
+        let opts = playhead::engine::wal::WalOptions {
             dir: dir.path().to_path_buf(),
             sync_mode: playhead::config::SyncMode::Periodic,
             sync_interval_ms: 10,
             segment_bytes: 65_536,
             max_buffer_bytes: 1 << 20,
         };
-        let (wal, report) = playhead::wal::Wal::open(opts, |r| seen.extend_from_slice(r)).unwrap();
+        let (wal, report) =
+            playhead::engine::wal::Wal::open(opts, |r| seen.extend_from_slice(r)).unwrap();
         wal.close();
         let want: Vec<_> = expected
             .iter()
@@ -1681,7 +1683,7 @@ fn graceful_shutdown_finishes_in_flight_work_and_exits_zero() {
     let rt1 = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let title = playhead::catalog::title_id_of(MOVIE);
+    let title = playhead::resume::catalog::title_id_of(MOVIE);
     for (i, newest) in newest_http.iter().enumerate() {
         let v = rt1
             .block_on(store.get(Key::new(12_000_000 + i as u64, 1, title)))
@@ -1697,8 +1699,8 @@ fn graceful_shutdown_finishes_in_flight_work_and_exits_zero() {
     assert_eq!(v.map(|v| v.position_seconds), Some(4321));
     // The log holds nothing the store lacks.
     let mut left = Vec::new();
-    let (wal, _) = playhead::wal::Wal::open(
-        playhead::wal::WalOptions {
+    let (wal, _) = playhead::engine::wal::Wal::open(
+        playhead::engine::wal::WalOptions {
             dir: dir.path().join("wal"),
             sync_mode: playhead::config::SyncMode::Group,
             sync_interval_ms: 10,
@@ -1781,8 +1783,8 @@ fn files_in(dir: &Path) -> (Vec<String>, usize) {
 /// space is freed, nothing accepted is lost, and the next start finds nothing to set aside.
 #[test]
 fn a_full_log_disk_leaves_no_file_per_retry_and_nothing_set_aside() {
+    use playhead::engine::wal::{Wal, WalError, WalOptions};
     use playhead::model::{Record, Value};
-    use playhead::wal::{Wal, WalError, WalOptions};
     let fs = match SmallTmpfs::mount(1024) {
         Ok(fs) => fs,
         Err(why) => {
@@ -1801,7 +1803,7 @@ fn a_full_log_disk_leaves_no_file_per_retry_and_nothing_set_aside() {
         max_buffer_bytes: 256 << 10,
     };
     let (wal, _) = Wal::open(opts(), |_| {}).unwrap();
-    let title = playhead::catalog::title_id_of(MOVIE);
+    let title = playhead::resume::catalog::title_id_of(MOVIE);
     let ts = now_ms() - 60_000;
     let batch = |n: u64| -> Vec<Record> {
         (0..100)

@@ -212,7 +212,8 @@ async fn rs256_works_with_its_key_and_the_public_key_is_never_an_hmac_secret() {
     .await;
     assert_eq!(status(&s, &good).await, 200);
     assert_eq!(status(&s, &hmac_with(&public_pem, "HS256")).await, 401);
-    let dev = playhead::auth::mint_hs256(playhead::auth::DEV_SECRET, 51, 1, 600).unwrap();
+    let dev =
+        playhead::ingest::auth::mint_hs256(playhead::ingest::auth::DEV_SECRET, 51, 1, 600).unwrap();
     assert_eq!(status(&s, &dev).await, 401);
     s.stop().await;
 }
@@ -278,14 +279,15 @@ async fn writes_reach_only_the_token_s_own_profile() {
 fn tokens_and_secrets_are_never_logged() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Process::start_with_log(dir.path(), &[], "debug");
-    let valid = playhead::auth::mint_hs256(playhead::auth::DEV_SECRET, 54, 1, 600).unwrap();
+    let valid =
+        playhead::ingest::auth::mint_hs256(playhead::ingest::auth::DEV_SECRET, 54, 1, 600).unwrap();
     let expired = sign(
         serde_json::json!({"alg": "HS256"}),
         &serde_json::json!({"account_id": 54, "profile_id": 1, "exp": 1_000_000}),
         Algorithm::HS256,
-        &EncodingKey::from_secret(playhead::auth::DEV_SECRET.as_bytes()),
+        &EncodingKey::from_secret(playhead::ingest::auth::DEV_SECRET.as_bytes()),
     );
-    let wrong_key = playhead::auth::mint_hs256("not-the-secret-zzzz", 54, 1, 600).unwrap();
+    let wrong_key = playhead::ingest::auth::mint_hs256("not-the-secret-zzzz", 54, 1, 600).unwrap();
     let garbage = "eyJtarker-garbage-token.QUJDREVGR0g.c2lnbmF0dXJlLW1hcmtlcg".to_string();
     let tokens = [valid.clone(), expired, wrong_key, garbage];
     for t in &tokens {
@@ -310,11 +312,11 @@ fn tokens_and_secrets_are_never_logged() {
         .build()
         .unwrap();
     let wrong_secret = "binary-secret-guess-marker";
-    let _ = rt.block_on(playhead::client::Client::connect(
+    let _ = rt.block_on(playhead::ingest::binary::client::Client::connect(
         p.binary,
         wrong_secret.as_bytes(),
     ));
-    let _ = rt.block_on(playhead::client::Client::connect(
+    let _ = rt.block_on(playhead::ingest::binary::client::Client::connect(
         p.binary,
         playhead::config::BINARY_DEV_SECRET.as_bytes(),
     ));
@@ -331,7 +333,7 @@ fn tokens_and_secrets_are_never_logged() {
         );
     }
     for secret in [
-        playhead::auth::DEV_SECRET,
+        playhead::ingest::auth::DEV_SECRET,
         playhead::config::BINARY_DEV_SECRET,
         wrong_secret,
     ] {

@@ -7,9 +7,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use playhead::config::SyncMode;
+use playhead::engine::wal::{Wal, WalOptions};
 use playhead::model::{Key, Record, Value};
 use playhead::store::{EmbeddedStore, Store};
-use playhead::wal::{Wal, WalOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_playhead");
 
@@ -200,7 +200,7 @@ fn config_subcommand_redacts_secrets() {
         !text.contains(playhead::config::BINARY_DEV_SECRET),
         "{text}"
     );
-    assert!(!text.contains(playhead::auth::DEV_SECRET), "{text}");
+    assert!(!text.contains(playhead::ingest::auth::DEV_SECRET), "{text}");
     let parsed: toml::Table = text.parse().unwrap();
     assert_eq!(parsed["auth"]["hs256_secret"].as_str(), Some("<redacted>"));
     assert_eq!(parsed["store"]["cassandra"]["password"].as_str(), Some(""));
@@ -246,7 +246,7 @@ fn token_subcommand_mints_a_token_the_server_accepts() {
     assert!(done.contains("left_in_log=0"), "{done}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store = EmbeddedStore::open(&dir.path().join("store"), 1 << 20).unwrap();
-    let key = Key::new(7, 3, playhead::catalog::title_id_of("inception"));
+    let key = Key::new(7, 3, playhead::resume::catalog::title_id_of("inception"));
     let stored = rt
         .block_on(store.get(key))
         .unwrap()

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::BytesMut;
-use playhead::client::{
+use playhead::ingest::binary::client::{
     Client, ClusterClient, ClusterNode, ClusterOptions, ClusterReply, Receiver, Reply, Sender,
 };
-use playhead::protocol::{self, WireRecord};
+use playhead::ingest::binary::codec::{self, WireRecord};
 use tokio::task::JoinSet;
 use tokio::time::sleep_until;
 
@@ -33,7 +33,7 @@ const DRAIN: Duration = Duration::from_secs(10);
 
 /// Byte offset of record `i`'s position in an encoded batch frame.
 fn position_offset(i: usize) -> usize {
-    protocol::HEADER_BYTES + protocol::BATCH_PREFIX_BYTES + i * protocol::RECORD_BYTES + 24
+    codec::HEADER_BYTES + codec::BATCH_PREFIX_BYTES + i * codec::RECORD_BYTES + 24
 }
 
 async fn connect(args: &Args) -> anyhow::Result<(Sender, Receiver)> {
@@ -106,7 +106,7 @@ async fn max_connection(
         records.clear();
         records.extend((start..end).map(key));
         let mut frame = BytesMut::new();
-        protocol::encode_batch(&mut frame, 0, &records);
+        codec::encode_batch(&mut frame, 0, &records);
         frames.push((frame, start));
         start = end;
     }
@@ -186,13 +186,13 @@ async fn max_connection(
                 };
                 let (frame, _) = &mut frames[frame_index];
                 let position = round.min(cap).to_le_bytes();
-                let count = (frame.len() - protocol::HEADER_BYTES - protocol::BATCH_PREFIX_BYTES) / protocol::RECORD_BYTES;
+                let count = (frame.len() - codec::HEADER_BYTES - codec::BATCH_PREFIX_BYTES) / codec::RECORD_BYTES;
                 for i in 0..count {
                     let at = position_offset(i);
                     frame[at..at + 4].copy_from_slice(&position);
                 }
                 seq += 1;
-                protocol::set_batch_seq(frame, seq);
+                codec::set_batch_seq(frame, seq);
                 tx.send_frame(frame).await.context("sending a batch")?;
                 last_sent[frame_index] = last_sent[frame_index].max(round);
                 pending.push_back(Pending { intended, frame: frame_index, round });
@@ -210,8 +210,8 @@ async fn max_connection(
         .chain(resend.iter().map(|r| r.0))
         .collect();
     for (f, (frame, first_key)) in frames.iter().enumerate() {
-        let count = ((frame.len() - protocol::HEADER_BYTES - protocol::BATCH_PREFIX_BYTES)
-            / protocol::RECORD_BYTES) as u64;
+        let count = ((frame.len() - codec::HEADER_BYTES - codec::BATCH_PREFIX_BYTES)
+            / codec::RECORD_BYTES) as u64;
         if unanswered.contains(&f) {
             unverifiable += count;
             continue;
@@ -354,7 +354,7 @@ async fn fleet_connection(
                     wire.extend(chunk.iter().map(|s| s.record));
                     seq += 1;
                     frame.clear();
-                    protocol::encode_batch(&mut frame, seq, &wire);
+                    codec::encode_batch(&mut frame, seq, &wire);
                     tx.send_frame(&frame).await.context("sending a batch")?;
                     pending.push_back((start, kept));
                 }

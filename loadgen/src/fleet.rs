@@ -15,8 +15,8 @@
 
 use std::time::Duration;
 
+use playhead::ingest::binary::codec::WireRecord;
 use playhead::model::Value;
-use playhead::protocol::WireRecord;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

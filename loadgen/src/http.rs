@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::{Buf, BytesMut};
-use playhead::http::DeviceNames;
+use playhead::resume::DeviceNames;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -291,7 +291,7 @@ impl Tokens {
 
 /// A token for one profile, valid for a day: longer than any run.
 fn mint(secret: &str, account_id: u64, profile_id: u64) -> anyhow::Result<String> {
-    Ok(playhead::auth::mint_hs256(
+    Ok(playhead::ingest::auth::mint_hs256(
         secret,
         account_id,
         profile_id,

@@ -66,7 +66,7 @@ pub struct Args {
     pub binary_addr: SocketAddr,
     /// `fleet` over the binary protocol to a cluster: the nodes' binary listeners, in the
     /// order of deploy/haproxy.cfg's servers (ids 1, 2, …). Each record goes to its
-    /// account's node through `playhead::client::ClusterClient`; one call per tick and
+    /// account's node through `playhead::ingest::binary::client::ClusterClient`; one call per tick and
     /// connection, answered before the next. `--verify` reads through `--http-addr`: point
     /// it at HAProxy in front of the same nodes, which routes each account to the same node.
     #[arg(long, value_delimiter = ',')]
@@ -81,7 +81,7 @@ pub struct Args {
     #[arg(long, env = "PLAYHEAD_BINARY__SECRET", default_value = playhead::config::BINARY_DEV_SECRET)]
     pub secret: String,
     /// The server's HS256 secret, to mint tokens.
-    #[arg(long, env = "PLAYHEAD_AUTH__HS256_SECRET", default_value = playhead::auth::DEV_SECRET)]
+    #[arg(long, env = "PLAYHEAD_AUTH__HS256_SECRET", default_value = playhead::ingest::auth::DEV_SECRET)]
     pub hs256_secret: String,
     /// The catalog the server uses (titles and durations).
     #[arg(long, default_value = "config/catalog.toml")]

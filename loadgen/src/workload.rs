@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use playhead::catalog::Catalog;
+use playhead::resume::catalog::Catalog;
 
 use crate::report::{load, Live, Report, TaskStats, Verification, Window};
 use crate::{binary, http, Args, Protocol, Workload};

@@ -7,11 +7,12 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use playhead::auth::Verifier;
-use playhead::catalog::Catalog;
 use playhead::config::Config;
 use playhead::engine::Engine;
-use playhead::http::AppState;
+use playhead::ingest::auth::Verifier;
+use playhead::ingest::http::AppState;
+use playhead::ingest::Ingest;
+use playhead::resume::catalog::Catalog;
 use playhead::store::EmbeddedStore;
 
 struct Server {
@@ -30,22 +31,23 @@ async fn server() -> Server {
     let store = EmbeddedStore::open(&config.embedded_store_dir(), 8 << 20).unwrap();
     let (engine, _) = Engine::open(config.clone(), Arc::new(store)).unwrap();
     let _background = engine.spawn_background();
+    let catalog = Catalog::load(&config.api.catalog_path).unwrap();
+    let ingest = Arc::new(Ingest::new(engine.clone(), catalog));
     let state = Arc::new(AppState::new(
-        engine.clone(),
-        Catalog::load(&config.api.catalog_path).unwrap(),
+        Arc::clone(&ingest),
         Verifier::from_config(&config.auth).unwrap(),
     ));
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http_addr = http.local_addr().unwrap();
-    let binary = playhead::binary::bind(&config.binary).unwrap();
+    let binary = playhead::ingest::binary::bind(&config.binary).unwrap();
     let binary_addr = binary.local_addr().unwrap();
-    tokio::spawn(playhead::http::serve(
+    tokio::spawn(playhead::ingest::http::serve(
         http,
         Arc::clone(&state),
         stopped.clone(),
     ));
-    tokio::spawn(playhead::binary::serve(binary, state, stopped));
+    tokio::spawn(playhead::ingest::binary::serve(binary, ingest, stopped));
     std::mem::forget(_stop);
     Server {
         http: http_addr,
@@ -401,8 +403,7 @@ async fn a_fleet_over_a_cluster_verifies_through_haproxy() {
     for node in &nodes {
         let written = node
             .engine
-            .shared()
-            .stats
+            .stats()
             .write_records
             .load(std::sync::atomic::Ordering::Relaxed);
         assert!(written > 0, "a node took no heartbeat");

@@ -32,9 +32,29 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
 
 use super::{MostRecent, RecentTitles, Store, StoreError, TitleEntry, WriteHealth};
 use crate::model::{Key, Record, Value};
+
+/// The embedded fjall store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedStoreConfig {
+    /// Directory of the LSM tree; empty means `<data_dir>/store`.
+    pub dir: PathBuf,
+    /// Block cache size.
+    pub cache_bytes: u64,
+}
+
+impl Default for EmbeddedStoreConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::new(),
+            cache_bytes: 64 << 20,
+        }
+    }
+}
 
 /// Rows examined per purge step; the writer mutex is held for one step at a time so a purge
 /// of a large store never stalls flushes for long.
@@ -238,7 +258,7 @@ impl EmbeddedStore {
     }
 
     /// Lowers fjall's worker threads by `by` nice levels (`server.background_nice`, see
-    /// [`crate::priority`]), now and after every reopen, which starts new workers.
+    /// [`crate::telemetry::priority`]), now and after every reopen, which starts new workers.
     pub fn lower_worker_priority(&self, by: i32) {
         self.inner
             .worker_nice
@@ -318,7 +338,7 @@ impl Inner {
 
     fn lower_workers(&self) {
         let by = self.worker_nice.load(Ordering::Relaxed) as i32;
-        crate::priority::lower_threads_named("fjall:worker", by);
+        crate::telemetry::priority::lower_threads_named("fjall:worker", by);
     }
 
     /// Applies `records` (sorted by key, distinct keys) with last-write-wins, reopening the
@@ -769,7 +789,7 @@ impl Store for EmbeddedStore {
     }
 
     fn render_metrics(&self, out: &mut String) {
-        use crate::metrics::{header, sample, single};
+        use crate::telemetry::metrics::{header, sample, single};
         let (ok, failed) = self.reopens();
         header(
             out,

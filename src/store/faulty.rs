@@ -11,9 +11,35 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
 use super::{RecentTitles, Store, StoreError, WriteHealth};
+use crate::config::{check, ConfigError};
 use crate::model::{Key, Record, Value};
+
+/// Fault injection for reliability tests of the real binary (tests/reliability.rs). Off
+/// unless a path is set; never set it in production.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultsConfig {
+    /// While a file exists at this absolute path, every store write fails (flushes and
+    /// purges are retried as in a real outage; reads still work). Empty: off.
+    pub store_write_fault_file: PathBuf,
+}
+
+impl FaultsConfig {
+    /// Range checks that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fault_file = &self.store_write_fault_file;
+        check(
+            "faults.store_write_fault_file",
+            fault_file.display(),
+            fault_file.as_os_str().is_empty() || fault_file.is_absolute(),
+            "empty (off) or an absolute path",
+        )?;
+        Ok(())
+    }
+}
 
 /// The knobs of a [`FaultyStore`], shared between the store and the test that drives it.
 #[derive(Debug, Default)]

@@ -16,6 +16,7 @@ use crate::model::{Key, Record, Value};
 
 pub mod breaker;
 pub mod cassandra;
+pub mod config;
 pub mod embedded;
 pub mod faulty;
 

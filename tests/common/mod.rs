@@ -16,12 +16,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use playhead::auth::{self, Verifier};
-use playhead::catalog::Catalog;
 use playhead::config::Config;
 use playhead::engine::Engine;
-use playhead::http::AppState;
+use playhead::ingest::auth::{self, Verifier};
+use playhead::ingest::http::AppState;
+use playhead::ingest::Ingest;
 use playhead::model::Clock;
+use playhead::resume::catalog::Catalog;
 use playhead::store::{EmbeddedStore, FaultSwitch, FaultyStore};
 
 /// A running server and the handles tests poke at.
@@ -81,16 +82,17 @@ impl TestServer {
         let verifier = Verifier::with_clock(&config.auth, clock.clone()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = Arc::new(AppState::new(engine.clone(), catalog, verifier));
+        let ingest = Arc::new(Ingest::new(engine.clone(), catalog));
+        let state = Arc::new(AppState::new(Arc::clone(&ingest), verifier));
         let (stop, stopped) = watch::channel(false);
-        let binary_listener = playhead::binary::bind(&config.binary).unwrap();
+        let binary_listener = playhead::ingest::binary::bind(&config.binary).unwrap();
         let binary_addr = binary_listener.local_addr().unwrap();
-        let binary = tokio::spawn(playhead::binary::serve(
+        let binary = tokio::spawn(playhead::ingest::binary::serve(
             binary_listener,
-            Arc::clone(&state),
+            ingest,
             stopped.clone(),
         ));
-        let server = tokio::spawn(playhead::http::serve(listener, state, stopped));
+        let server = tokio::spawn(playhead::ingest::http::serve(listener, state, stopped));
         Self {
             addr,
             binary_addr,
@@ -107,10 +109,13 @@ impl TestServer {
     }
 
     /// A binary-protocol client, authenticated.
-    pub async fn binary_client(&self) -> playhead::client::Client {
-        playhead::client::Client::connect(self.binary_addr, self.config.binary.secret.as_bytes())
-            .await
-            .unwrap()
+    pub async fn binary_client(&self) -> playhead::ingest::binary::client::Client {
+        playhead::ingest::binary::client::Client::connect(
+            self.binary_addr,
+            self.config.binary.secret.as_bytes(),
+        )
+        .await
+        .unwrap()
     }
 
     /// A valid token for one profile.

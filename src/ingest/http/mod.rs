@@ -9,10 +9,10 @@
 //! future (BENCHMARKS.md, issue 3). The deadlines: `conn`.
 
 pub mod api;
+pub mod config;
 mod conn;
 pub mod error;
 
-use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,17 +24,17 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::server::graceful::GracefulShutdown;
-use parking_lot::Mutex;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
-use crate::auth::Verifier;
-use crate::catalog::{title_id_of, Catalog};
 use crate::config::Config;
-use crate::engine::Engine;
-use crate::metrics::{self, Histogram};
-use crate::model::{Key, Value};
+use crate::ingest::auth::Verifier;
+use crate::ingest::listener::{next_connection, ConnectionLimit};
+use crate::ingest::metrics::PROTOCOLS;
+use crate::ingest::Ingest;
+use crate::resume::DeviceNames;
 use crate::store::WriteHealth;
+use crate::telemetry::metrics::{self, Histogram};
 use error::ApiError;
 
 /// Every answer: a whole body in one buffer (the largest is `/metrics`, ~16 KiB), so hyper
@@ -43,22 +43,23 @@ pub type Response = hyper::Response<Full<Bytes>>;
 
 /// Everything a handler needs; shared by all connections.
 pub struct AppState {
-    pub engine: Engine,
-    pub catalog: Catalog,
+    /// The engine, catalog, heartbeat rules and ingest counters, shared with the binary
+    /// listener.
+    pub ingest: Arc<Ingest>,
     pub verifier: Verifier,
     pub config: Config,
+    /// Device names for `last_device_id` (only HTTP heartbeats carry names).
     pub devices: DeviceNames,
     pub metrics: HttpMetrics,
 }
 
 impl AppState {
-    pub fn new(engine: Engine, catalog: Catalog, verifier: Verifier) -> Self {
-        let config = engine.config().clone();
+    pub fn new(ingest: Arc<Ingest>, verifier: Verifier) -> Self {
+        let config = ingest.engine().config().clone();
         Self {
             devices: DeviceNames::new(config.api.max_device_names),
             metrics: HttpMetrics::default(),
-            engine,
-            catalog,
+            ingest,
             verifier,
             config,
         }
@@ -73,30 +74,20 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let http = state.config.http.clone();
-    let slots = Arc::new(Semaphore::new(http.max_connections));
+    let limit = ConnectionLimit::new(http.max_connections);
+    let counters = Arc::clone(&state.ingest.metrics().http_connections);
     let graceful = GracefulShutdown::new();
     while let Some(stream) = next_connection(&listener, &mut shutdown, "HTTP").await {
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            state
-                .metrics
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
+        let Some(admitted) = limit.admit(&counters) else {
             drop(stream);
             continue;
         };
         // Answers are one small write each: send them at once (no Nagle delay).
         let _ = stream.set_nodelay(true);
         let conn = conn::serve(stream, Arc::clone(&state), &graceful);
-        let open = Arc::clone(&state);
-        open.metrics
-            .connections_open
-            .fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             conn.await;
-            open.metrics
-                .connections_open
-                .fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+            drop(admitted);
         });
     }
     drop(listener);
@@ -137,7 +128,7 @@ async fn handle(
         Ok(response) => response,
         Err(error) => {
             if matches!(route, Route::PostProgress) {
-                state.metrics.rejected("http", error.code, 1);
+                state.ingest.metrics().rejected("http", error.code, 1);
             }
             error.into_response()
         }
@@ -184,29 +175,6 @@ async fn route_request(
     }
 }
 
-/// The next accepted connection of `listener`, or `None` once `shutdown` flips. Accept
-/// errors (out of file descriptors and the like) are logged and retried after a short
-/// pause instead of spinning. Shared by the HTTP and binary listeners.
-pub(crate) async fn next_connection(
-    listener: &TcpListener,
-    shutdown: &mut watch::Receiver<bool>,
-    name: &str,
-) -> Option<tokio::net::TcpStream> {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => return None,
-        };
-        match accepted {
-            Ok((stream, _)) => return Some(stream),
-            Err(e) => {
-                tracing::warn!("{name} accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-}
-
 /// Routes as metric labels (a fixed set, so counters are plain arrays).
 const ROUTES: [&str; 8] = [
     "post_progress",
@@ -222,7 +190,6 @@ const CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
 const STATUSES: [u16; 14] = [
     200, 204, 400, 401, 404, 405, 408, 413, 415, 422, 429, 500, 503, 0,
 ];
-const PROTOCOLS: [&str; 2] = ["http", "binary"];
 
 /// The paths served; [`route_of`] and the 405 answers of [`route_request`] share them.
 const PROGRESS_PATH: &str = "/api/v1/stream/progress";
@@ -260,39 +227,16 @@ fn route_of(method: &Method, path: &str) -> Route {
     }
 }
 
-/// HTTP-side counters and histograms.
+/// The HTTP listener's own counters and histograms (its connections and the heartbeats it
+/// took are counted with the binary listener's, in [`crate::ingest::metrics`]).
 #[derive(Default)]
 pub struct HttpMetrics {
     requests: [[AtomicU64; STATUSES.len()]; ROUTES.len()],
     latency: [[Histogram; CLASSES.len()]; ROUTES.len()],
-    accepted: [AtomicU64; PROTOCOLS.len()],
-    /// (protocol, reason) → heartbeats refused. Refusals are the rare path; a map is fine.
-    rejected: Mutex<HashMap<(&'static str, &'static str), u64>>,
     pub resume_read_seconds: Histogram,
-    pub connections_open: AtomicU64,
-    pub connections_refused: AtomicU64,
-    /// Binary-protocol connections open, refused at the cap, and closed for a protocol
-    /// error (by error code, 1..=14; index 0 unused).
-    pub binary_connections: AtomicU64,
-    pub binary_connections_refused: AtomicU64,
-    binary_protocol_errors: [AtomicU64; 16],
 }
 
 impl HttpMetrics {
-    pub fn accepted(&self, protocol: &str, records: u64) {
-        let i = PROTOCOLS.iter().position(|p| *p == protocol).unwrap_or(0);
-        self.accepted[i].fetch_add(records, Ordering::Relaxed);
-    }
-
-    pub fn rejected(&self, protocol: &'static str, reason: &'static str, records: u64) {
-        *self.rejected.lock().entry((protocol, reason)).or_default() += records;
-    }
-
-    pub fn binary_protocol_error(&self, code: crate::protocol::ErrorCode) {
-        let i = (code as usize).min(self.binary_protocol_errors.len() - 1);
-        self.binary_protocol_errors[i].fetch_add(1, Ordering::Relaxed);
-    }
-
     fn observe(&self, route: usize, status: StatusCode, elapsed: Duration) {
         let code = status.as_u16();
         let s = STATUSES
@@ -320,35 +264,29 @@ fn healthz() -> Response {
 /// `"flush": "failing: …"`: heartbeats are still acknowledged into the log, but nothing
 /// reaches the store.
 async fn readyz(state: &AppState) -> Response {
-    let shared = state.engine.shared();
-    if let Some(reason) = shared.wal.failing() {
+    let engine = state.ingest.engine();
+    if let Some(reason) = engine.log_failing() {
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({"status": "unavailable", "wal": format!("failing: {reason}"), "store": "unknown"}),
         );
     }
-    let flush_failing = shared.stats.flush_health.failing();
+    let flush_failing = engine.stats().flush_health.failing();
     let flush = match &flush_failing {
         Some((cycles, error)) => format!("failing: {error} ({cycles} cycles in a row)"),
         None => "ok".to_string(),
     };
-    if let Some(error) = shared.store.write_health().and_then(WriteHealth::failing) {
+    if let Some(error) = engine.store_write_health().and_then(WriteHealth::failing) {
         // Still serving (from memory, acknowledging into the log), but nothing reaches
         // the store: `degraded`, as for a store that cannot be read.
         return json_response(
             StatusCode::OK,
-            serde_json::json!({"status": "degraded", "wal": "replayed", "store": format!("failing: {error}"), "flush": flush, "store_kind": shared.store.name()}),
+            serde_json::json!({"status": "degraded", "wal": "replayed", "store": format!("failing: {error}"), "flush": flush, "store_kind": engine.store_name()}),
         );
     }
-    let budget = Duration::from_millis(state.config.store.read_timeout_ms);
-    let probe = tokio::time::timeout(budget, shared.store.get(Key::new(0, 0, 0))).await;
-    let (status, store) = match probe {
-        Ok(Ok(_)) => ("ready", "reachable".to_string()),
-        Ok(Err(e)) => ("degraded", format!("unreachable: {e}")),
-        Err(_) => (
-            "degraded",
-            format!("no answer within {} ms", budget.as_millis()),
-        ),
+    let (status, store) = match engine.probe_store().await {
+        Ok(()) => ("ready", "reachable".to_string()),
+        Err(why) => ("degraded", why),
     };
     let status = if flush_failing.is_some() {
         "degraded"
@@ -357,7 +295,7 @@ async fn readyz(state: &AppState) -> Response {
     };
     json_response(
         StatusCode::OK,
-        serde_json::json!({"status": status, "wal": "replayed", "store": store, "flush": flush, "store_kind": shared.store.name()}),
+        serde_json::json!({"status": status, "wal": "replayed", "store": store, "flush": flush, "store_kind": engine.store_name()}),
     )
 }
 
@@ -387,6 +325,7 @@ pub fn render(state: &AppState) -> String {
     use metrics::{header as head, load, sample, single};
     let mut out = String::with_capacity(16 * 1024);
     let m = &state.metrics;
+    let ingest = state.ingest.metrics();
     head(
         &mut out,
         "playhead_heartbeats_accepted_total",
@@ -398,7 +337,7 @@ pub fn render(state: &AppState) -> String {
             &mut out,
             "playhead_heartbeats_accepted_total",
             &format!("protocol=\"{p}\""),
-            load(&m.accepted[i]),
+            load(&ingest.accepted[i]),
         );
     }
     head(
@@ -407,7 +346,12 @@ pub fn render(state: &AppState) -> String {
         "counter",
         "Heartbeats refused, by protocol and reason.",
     );
-    let mut rejected: Vec<_> = m.rejected.lock().iter().map(|(k, v)| (*k, *v)).collect();
+    let mut rejected: Vec<_> = ingest
+        .rejected
+        .lock()
+        .iter()
+        .map(|(k, v)| (*k, *v))
+        .collect();
     rejected.sort();
     for ((p, reason), n) in rejected {
         sample(
@@ -418,8 +362,8 @@ pub fn render(state: &AppState) -> String {
         );
     }
 
-    let shared = state.engine.shared();
-    let c = shared.coalescer.stats();
+    let engine = state.ingest.engine();
+    let c = engine.coalescer_stats();
     head(&mut out, "playhead_coalescer_upserts_total", "counter", "Coalescer upserts by outcome: inserted (new key), superseded (newer value), stale (older or equal, no-op).");
     sample(
         &mut out,
@@ -484,10 +428,10 @@ pub fn render(state: &AppState) -> String {
         "playhead_coalescer_max_keys",
         "gauge",
         "Configured bound on keys in memory.",
-        shared.coalescer.max_keys(),
+        engine.max_keys(),
     );
 
-    let e = &shared.stats;
+    let e = engine.stats();
     single(
         &mut out,
         "playhead_flush_cycles_total",
@@ -595,7 +539,7 @@ pub fn render(state: &AppState) -> String {
         "Rows removed by the retention purge.",
         load(&e.purged_rows),
     );
-    if let Some(health) = shared.store.write_health() {
+    if let Some(health) = engine.store_write_health() {
         single(
             &mut out,
             "playhead_store_healthy",
@@ -611,9 +555,9 @@ pub fn render(state: &AppState) -> String {
             health.consecutive_failures(),
         );
     }
-    shared.store.render_metrics(&mut out);
+    engine.render_store_metrics(&mut out);
 
-    let w = shared.wal.stats();
+    let w = engine.wal_stats();
     single(
         &mut out,
         "playhead_wal_appended_bytes_total",
@@ -746,28 +690,28 @@ pub fn render(state: &AppState) -> String {
         "playhead_http_connections",
         "gauge",
         "Open HTTP connections.",
-        load(&m.connections_open),
+        load(&ingest.http_connections.open),
     );
     single(
         &mut out,
         "playhead_http_connections_refused_total",
         "counter",
         "Connections closed at once because http.max_connections were open.",
-        load(&m.connections_refused),
+        load(&ingest.http_connections.refused),
     );
     single(
         &mut out,
         "playhead_binary_connections",
         "gauge",
         "Open binary-protocol connections.",
-        load(&m.binary_connections),
+        load(&ingest.binary_connections.open),
     );
     single(
         &mut out,
         "playhead_binary_connections_refused_total",
         "counter",
         "Binary connections refused because binary.max_connections were open.",
-        load(&m.binary_connections_refused),
+        load(&ingest.binary_connections.refused),
     );
     head(
         &mut out,
@@ -775,80 +719,17 @@ pub fn render(state: &AppState) -> String {
         "counter",
         "Binary connections closed after a protocol error, by error code name.",
     );
-    for code in 1..m.binary_protocol_errors.len() as u16 {
-        if let Some(c) = crate::protocol::ErrorCode::from_u16(code) {
+    for code in 1..ingest.binary_protocol_errors.len() as u16 {
+        if let Some(c) = crate::ingest::binary::codec::ErrorCode::from_u16(code) {
             sample(
                 &mut out,
                 "playhead_binary_protocol_errors_total",
                 &format!("code=\"{}\"", c.name()),
-                load(&m.binary_protocol_errors[code as usize]),
+                load(&ingest.binary_protocol_errors[code as usize]),
             );
         }
     }
     out
-}
-
-/// Device names seen in heartbeats, so a resume answer can say "watched on tv-living-room".
-/// Inside, a device is a `u32` (hash of its name); this maps it back, per account, for the
-/// `max_device_names` most recently first-seen devices (in memory only: after a restart a
-/// name reappears with its device's next heartbeat).
-pub struct DeviceNames {
-    shards: Vec<Mutex<DeviceShard>>,
-    per_shard: usize,
-}
-
-#[derive(Default)]
-struct DeviceShard {
-    names: HashMap<(u64, u32), Box<str>>,
-    order: VecDeque<(u64, u32)>,
-}
-
-impl DeviceNames {
-    const SHARDS: usize = 16;
-
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            shards: (0..Self::SHARDS).map(|_| Mutex::default()).collect(),
-            per_shard: capacity.div_ceil(Self::SHARDS).max(1),
-        }
-    }
-
-    /// The compact id of a device name: never 0 (no device) nor the tombstone's device.
-    pub fn id_of(name: &str) -> u32 {
-        let id = title_id_of(name) as u32;
-        id.clamp(1, Value::TOMBSTONE_DEVICE - 1)
-    }
-
-    /// Returns the compact id of `name`, remembering the name for `account_id`.
-    pub fn remember(&self, account_id: u64, name: &str) -> u32 {
-        let id = Self::id_of(name);
-        let key = (account_id, id);
-        let mut shard = self.shards[Self::shard(key)].lock();
-        if !shard.names.contains_key(&key) {
-            if shard.order.len() >= self.per_shard {
-                if let Some(old) = shard.order.pop_front() {
-                    shard.names.remove(&old);
-                }
-            }
-            shard.names.insert(key, name.into());
-            shard.order.push_back(key);
-        }
-        id
-    }
-
-    pub fn name(&self, account_id: u64, device_id: u32) -> Option<String> {
-        let key = (account_id, device_id);
-        self.shards[Self::shard(key)]
-            .lock()
-            .names
-            .get(&key)
-            .map(|n| n.to_string())
-    }
-
-    fn shard(key: (u64, u32)) -> usize {
-        ((key.0 ^ u64::from(key.1)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize
-            % Self::SHARDS
-    }
 }
 
 /// Binds the API listener.

@@ -55,7 +55,7 @@ const WINDOW_MASK: u64 = PROFILE_WINDOW as u64 - 1;
 pub const CROWDED_PROBE: usize = 2 * PROFILE_WINDOW;
 
 /// A key's flush state, 4 bytes: the flush epoch in which its value was written, and
-/// whether the store still lacks that value (dirty). See [`crate::coalescer`].
+/// whether the store still lacks that value (dirty). See [`crate::engine::coalescer`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Meta(u32);
 

@@ -1,6 +1,6 @@
 //! The engine: one handle over the commit log, the coalescer, the flusher and the store.
 //!
-//! Write path, in this order (the order is what makes log truncation safe, see [`crate::wal`]):
+//! Write path, in this order (the order is what makes log truncation safe, see [`crate::engine::wal`]):
 //! 1. upsert every record into the coalescer (last-write-wins);
 //! 2. append them to the commit log;
 //! 3. in `group` mode, wait for the fsync that covers them;
@@ -18,12 +18,16 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::coalescer::{Coalescer, Overloaded};
+pub mod coalescer;
+pub mod flusher;
+pub mod wal;
+
 use crate::config::{Config, SyncMode};
-use crate::flusher::{self, FlushError, FlushReport};
 use crate::model::{self, Key, Record, Value};
-use crate::store::{Store, TitleEntry};
-use crate::wal::{ReplayReport, Wal, WalError, WalOptions};
+use crate::store::{Store, StoreError, TitleEntry, WriteHealth};
+use coalescer::{Coalescer, CoalescerStats, Overloaded};
+use flusher::{FlushError, FlushReport};
+use wal::{ReplayReport, Wal, WalError, WalOptions, WalStats};
 
 /// Log records gathered before a parallel replay step: large enough to amortise the thread
 /// hand-off, small enough (10 MB) not to matter for memory.
@@ -56,7 +60,7 @@ impl WriteError {
 pub struct PendingWrite {
     pub receipt: WriteReceipt,
     /// The log position to wait for before acknowledging (`group` mode), if any.
-    pub wait_for: Option<crate::wal::Lsn>,
+    pub wait_for: Option<crate::engine::wal::Lsn>,
 }
 
 impl PendingWrite {
@@ -67,15 +71,6 @@ impl PendingWrite {
         }
         Ok(self.receipt)
     }
-}
-
-/// Why a heartbeat is refused before it reaches the engine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum RejectReason {
-    #[error("position_seconds is reserved")]
-    ReservedPosition,
-    #[error("timestamp is older than the retention period")]
-    TooOld,
 }
 
 /// What [`Engine::write`] did with an acknowledged call.
@@ -122,7 +117,7 @@ pub struct EngineStats {
     /// ongoing store outage shows in /metrics (not only once the cycle finally succeeds).
     pub flush_errors: Arc<AtomicU64>,
     pub flush_retries: Arc<AtomicU64>,
-    pub flush_seconds: crate::metrics::Histogram,
+    pub flush_seconds: crate::telemetry::metrics::Histogram,
     /// Flush cycles that failed because a flush task panicked (the next cycle retries).
     pub flush_panics: AtomicU64,
     /// Full flushes asked for by an operator ([`Engine::request_flush`]) that ended with
@@ -167,24 +162,26 @@ impl FlushHealth {
     }
 }
 
-/// Everything the engine's handles share.
+/// Everything the engine's handles share. Its fields are private to the engine and its
+/// parts (coalescer, log, flusher): callers go through [`Engine`]'s methods, so the write
+/// order (upsert, then append, then fsync) and the read merge cannot be bypassed.
 pub struct Shared {
-    pub config: Config,
-    pub coalescer: Coalescer,
-    pub wal: Wal,
-    pub store: Arc<dyn Store>,
-    pub stats: EngineStats,
+    config: Config,
+    coalescer: Coalescer,
+    wal: Wal,
+    store: Arc<dyn Store>,
+    stats: EngineStats,
     /// Serialises flush cycles (each one opens an epoch and picks from what the last one
     /// left).
-    pub(crate) flush_lock: tokio::sync::Mutex<()>,
+    flush_lock: tokio::sync::Mutex<()>,
     /// When each flush epoch began and where in the log its values start.
-    pub(crate) epochs: parking_lot::Mutex<flusher::Epochs>,
+    epochs: parking_lot::Mutex<flusher::Epochs>,
     /// Flipped once on shutdown; background loops watch it.
-    pub(crate) shutdown: watch::Sender<bool>,
+    shutdown: watch::Sender<bool>,
     /// An operator asked for a full flush ([`Engine::request_flush`]); the flush loop
     /// waits for it next to its tick. A `Notify` keeps one permit, so a request made while
     /// a cycle runs is served after it, and requests made meanwhile are served together.
-    pub(crate) flush_requested: tokio::sync::Notify,
+    flush_requested: tokio::sync::Notify,
     /// Wall-clock time for heartbeat stamps ([`Engine::now_ms`]).
     clock: model::Clock,
 }
@@ -291,7 +288,9 @@ impl Engine {
         ))
     }
 
-    pub fn shared(&self) -> &Shared {
+    /// The state behind the handle, for the engine's own parts (the flusher's tests).
+    #[cfg(test)]
+    fn shared(&self) -> &Shared {
         &self.shared
     }
 
@@ -304,29 +303,72 @@ impl Engine {
         self.shared.clock.now_ms()
     }
 
-    /// Builds the record for one heartbeat: stamps it (server time, or the client's clamped
-    /// to the allowed skew) and checks it against the rules every protocol shares.
-    pub fn heartbeat(
-        &self,
-        key: Key,
-        position_seconds: u32,
-        device_id: u32,
-        client_timestamp_ms: Option<u64>,
-    ) -> Result<Record, RejectReason> {
-        let now = self.now_ms();
-        let at = model::stamp(
-            client_timestamp_ms,
-            now,
-            self.shared.config.ingest.max_clock_skew_ms,
-        );
-        model::validate_position(position_seconds).map_err(|_| RejectReason::ReservedPosition)?;
-        if at < now.saturating_sub(self.shared.config.retention_ms()) {
-            return Err(RejectReason::TooOld);
+    /// The engine's counters (writes, reads by source, flush cycles), for metrics.
+    pub fn stats(&self) -> &EngineStats {
+        &self.shared.stats
+    }
+
+    /// The coalescer's counters and key gauges, summed over its shards.
+    pub fn coalescer_stats(&self) -> CoalescerStats {
+        self.shared.coalescer.stats()
+    }
+
+    /// The configured bound on keys in memory (`coalescer.max_keys`).
+    pub fn max_keys(&self) -> usize {
+        self.shared.coalescer.max_keys()
+    }
+
+    /// Keys in memory (dirty, being flushed, or clean and kept while their viewer plays).
+    pub fn keys_in_memory(&self) -> usize {
+        self.shared.coalescer.len()
+    }
+
+    /// The log position of the newest append ([`Engine::crash`] says up to where records
+    /// reached the log's files).
+    pub fn appended_lsn(&self) -> wal::Lsn {
+        self.shared.wal.appended_lsn()
+    }
+
+    /// What the store alone holds for `key` (memory not consulted, no read budget): for
+    /// tests and tools that check what flushes wrote. Serving reads use [`Engine::get`].
+    pub async fn get_stored(&self, key: Key) -> Result<Option<Value>, StoreError> {
+        self.shared.store.get(key).await
+    }
+
+    /// The commit log's counters and disk gauges.
+    pub fn wal_stats(&self) -> &WalStats {
+        self.shared.wal.stats()
+    }
+
+    /// Why the commit log refuses appends, while its disk is failing.
+    pub fn log_failing(&self) -> Option<String> {
+        self.shared.wal.failing()
+    }
+
+    /// The store's name (`embedded`, `cassandra`), as `/readyz` reports it.
+    pub fn store_name(&self) -> &'static str {
+        self.shared.store.name()
+    }
+
+    /// Whether the store's writes and syncs succeed, when it tracks that.
+    pub fn store_write_health(&self) -> Option<&WriteHealth> {
+        self.shared.store.write_health()
+    }
+
+    /// Appends the store's own metrics (docs/metrics.md) to `out`.
+    pub fn render_store_metrics(&self, out: &mut String) {
+        self.shared.store.render_metrics(out);
+    }
+
+    /// Asks the store for one key within the read budget (`store.read_timeout_ms`): `Err`
+    /// says why it did not answer (`unreachable: …`, `no answer within … ms`).
+    pub async fn probe_store(&self) -> Result<(), String> {
+        let budget = Duration::from_millis(self.shared.config.store.read_timeout_ms);
+        match tokio::time::timeout(budget, self.shared.store.get(Key::new(0, 0, 0))).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("unreachable: {e}")),
+            Err(_) => Err(format!("no answer within {} ms", budget.as_millis())),
         }
-        Ok(Record::new(
-            key,
-            Value::new(position_seconds, at, device_id),
-        ))
     }
 
     /// The tombstone record that deletes `key` now.
@@ -505,13 +547,13 @@ impl Engine {
     /// Starts the flush cadence, the retention purge and the commit-log guard (snapshots
     /// when the log outgrows `wal.snapshot_after_bytes`) on a runtime of their own whose
     /// threads — its worker and the blocking threads their store writes and sorts run on —
-    /// have a lower CPU priority than the request path ([`crate::priority`]).
+    /// have a lower CPU priority than the request path ([`crate::telemetry::priority`]).
     pub fn spawn_background(&self) -> std::io::Result<Background> {
         let nice = self.shared.config.server.background_nice;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("playhead-bg")
-            .on_thread_start(move || crate::priority::lower_current_thread(nice))
+            .on_thread_start(move || crate::telemetry::priority::lower_current_thread(nice))
             // Timers and I/O: the loops await store futures, and a store client may open
             // sockets from within them (the Cassandra driver opens its connections on the
             // runtime that built the session, but nothing guarantees that).
@@ -538,7 +580,7 @@ impl Engine {
     /// records reached the log's files: those come back at the next [`Engine::open`].
     /// A real crash needs no such call; nothing but tests uses it.
     #[doc(hidden)]
-    pub fn crash(self) -> crate::wal::Lsn {
+    pub fn crash(self) -> crate::engine::wal::Lsn {
         self.shared.shutdown.send_replace(true);
         self.shared.wal.crash()
     }

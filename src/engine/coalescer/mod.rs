@@ -1,7 +1,7 @@
 //! The sharded in-memory memtable: keeps the newest value per key, and which keys the store
 //! still lacks, so that a flush writes each key when it matters rather than on every cycle.
 //!
-//! Each shard is one [`KeyMap`](crate::keymap::KeyMap) behind a `parking_lot` mutex (never
+//! Each shard is one [`KeyMap`](keymap::KeyMap) behind a `parking_lot` mutex (never
 //! held across an `.await`). Every entry carries a 4-byte [`Meta`]: the *flush epoch* in
 //! which its value was written, and a dirty bit (the store does not have the value yet).
 //!
@@ -27,7 +27,7 @@
 //! then only entries whose value is still the one written.
 //!
 //! Napkin math: an entry is a 24-byte key, a 16-byte value and 4 bytes of [`Meta`] = 44
-//! bytes, inline in an open-addressing table ([`crate::keymap`]) kept between 68 % and 85 %
+//! bytes, inline in an open-addressing table ([`keymap`]) kept between 68 % and 85 %
 //! full: 52–65 bytes per key held, plus one occupancy bit per slot.
 
 use std::hash::BuildHasher;
@@ -36,12 +36,15 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use crossbeam::utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::keymap::{Entry, Held, Location, Meta};
+pub mod config;
+pub mod keymap;
+
 use crate::model::{Key, Record};
+use keymap::{Entry, Held, Location, Meta};
 
 type Hasher = foldhash::fast::RandomState;
 /// One shard's map.
-pub type ShardMap = crate::keymap::KeyMap<Hasher>;
+pub type ShardMap = keymap::KeyMap<Hasher>;
 
 /// The epoch of values replayed from the commit log at start: older than any live write,
 /// so they count as idle and the first cycle writes them.
@@ -301,7 +304,7 @@ pub struct Coalescer {
     /// no shared counter on the hot path. The hash spreads keys evenly, so the bound is tight.
     max_keys_per_shard: usize,
     max_keys: usize,
-    /// A new title whose probe is [`crowded`](crate::keymap::Vacant::crowded) is refused
+    /// A new title whose probe is [`crowded`](keymap::Vacant::crowded) is refused
     /// when its profile already holds this many titles (see [`Coalescer::upsert`]).
     max_titles_per_profile: usize,
     /// The current flush epoch (see the module documentation). Written by the flusher only,
@@ -372,11 +375,11 @@ impl Coalescer {
     ///
     /// Refuses a new key when its shard is at its share of `max_keys`, or when its profile
     /// already holds `max_titles_per_profile` titles *and* the key's probe is crowded. A
-    /// profile's titles share a window of the table ([`crate::keymap`]), so a profile with
+    /// profile's titles share a window of the table ([`keymap`]), so a profile with
     /// many of them grows a run that every key near it probes through; counting the
     /// profile's titles only when a probe runs long keeps the common insert free of the
     /// count, and bounds every long run by the profile that makes it: no insert ends a
-    /// probe of more than [`crate::keymap::CROWDED_PROBE`] slots for a profile at its bound.
+    /// probe of more than [`keymap::CROWDED_PROBE`] slots for a profile at its bound.
     /// A profile below the bound is never refused.
     pub fn upsert(&self, record: &Record) -> Result<Upsert, Overloaded> {
         let located = self.locate(record);
@@ -459,7 +462,7 @@ impl Coalescer {
     #[inline]
     fn locate<'a>(&self, record: &'a Record) -> Located<'a> {
         let shard = self.shard_index(&record.key);
-        let hash = crate::keymap::placement_hash(&self.map_hasher, &record.key);
+        let hash = keymap::placement_hash(&self.map_hasher, &record.key);
         self.shards[shard].prefetch(hash);
         Located {
             record,
@@ -537,7 +540,7 @@ impl Coalescer {
     }
 
     /// Values memory holds for one profile, newest per title. Reads the profile's window
-    /// of one shard's table under its lock ([`crate::keymap::KeyMap::for_each_in_profile`]:
+    /// of one shard's table under its lock ([`keymap::KeyMap::for_each_in_profile`]:
     /// ~90 slots, ~4 KB, for the usual profile), never the whole shard.
     pub fn profile_entries(&self, account_id: u64, profile_id: u64) -> Vec<Record> {
         let probe = Key::new(account_id, profile_id, 0);
@@ -693,7 +696,7 @@ impl Coalescer {
     pub fn mark_stored(&self, picked: &Picked) {
         for record in &picked.records {
             let cell = &self.shards[self.shard_index(&record.key)];
-            let hash = crate::keymap::placement_hash(&self.map_hasher, &record.key);
+            let hash = keymap::placement_hash(&self.map_hasher, &record.key);
             let mut guard = cell.lock();
             let shard = &mut *guard;
             let idle = match shard.map.entry_hashed(hash, &record.key) {

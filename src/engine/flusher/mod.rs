@@ -1,7 +1,7 @@
 //! Moving the coalescer's dirty keys to the store, key by key when it matters.
 //!
 //! Every `flush.interval_ms` one cycle: seal the log segment (`rotate`), open the next
-//! flush epoch, and *pick* the dirty keys that are due ([`crate::coalescer`]):
+//! flush epoch, and *pick* the dirty keys that are due ([`crate::engine::coalescer`]):
 //! - **idle** keys — not written for `flush.idle_ms` (the viewer paused, stopped or left):
 //!   their last position reaches the store within `idle_ms + interval_ms` plus the write;
 //! - **checkpoints** — a key that keeps playing is written once per `flush.checkpoint_ms`,
@@ -33,8 +33,10 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tokio::task::JoinSet;
 
-use crate::coalescer::{Checkpoint, Pick, Picked, FIRST_EPOCH};
+pub mod config;
+
 use crate::config::FlushConfig;
+use crate::engine::coalescer::{Checkpoint, Pick, Picked, FIRST_EPOCH};
 use crate::engine::Shared;
 use crate::model::{self, Record};
 use crate::store::{Store, StoreError};

@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-use crate::protocol::{self, ErrorCode, Frame, RejectCode, ServerLimits, WireRecord};
+use crate::ingest::binary::codec::{self, ErrorCode, Frame, RejectCode, ServerLimits, WireRecord};
 
 /// Largest frame the client accepts from a server (acks of the largest batches fit).
 const MAX_REPLY_BYTES: u32 = 16 << 20;
@@ -107,7 +107,7 @@ impl Client {
             buf: BytesMut::with_capacity(64 * 1024),
         };
         sender.buf.clear();
-        protocol::encode_hello(&mut sender.buf, secret);
+        codec::encode_hello(&mut sender.buf, secret);
         sender.output.write_all(&sender.buf).await?;
         let limits = receiver
             .next(|frame| match frame {
@@ -134,7 +134,7 @@ impl Client {
         self.sender.send_batch(records).await
     }
 
-    /// Sends an already-encoded frame as it is (see [`protocol::set_batch_seq`]).
+    /// Sends an already-encoded frame as it is (see [`codec::set_batch_seq`]).
     pub async fn send_frame(&mut self, frame: &[u8]) -> Result<(), ClientError> {
         self.sender.send_frame(frame).await
     }
@@ -167,7 +167,7 @@ impl Sender {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.buf.clear();
-        protocol::encode_batch(&mut self.buf, seq, records);
+        codec::encode_batch(&mut self.buf, seq, records);
         self.output.write_all(&self.buf).await?;
         Ok(seq)
     }
@@ -224,7 +224,7 @@ impl Receiver {
         f: impl FnOnce(Frame<'_>) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
         loop {
-            match protocol::decode_frame(&self.buf, MAX_REPLY_BYTES) {
+            match codec::decode_frame(&self.buf, MAX_REPLY_BYTES) {
                 Ok(Some((frame, used))) => {
                     let result = match frame {
                         Frame::Error { code, message } => Err(ClientError::Server {

@@ -13,7 +13,6 @@
 //! in-flight acks, and `binary.write_timeout_ms` disconnects it.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,14 +21,15 @@ use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 
-use crate::config::BinaryConfig;
-use crate::engine::WriteError;
-use crate::http::AppState;
-use crate::model::{self, Key, Record, Value};
-use crate::protocol::{self, ErrorCode, Frame, RejectCode, ServerLimits, WireRecord};
-use crate::wal::{Lsn, WalError};
+use super::codec::{self, ErrorCode, Frame, RejectCode, ServerLimits, WireRecord};
+use super::config::BinaryConfig;
+use crate::engine::wal::WalError;
+use crate::engine::{PendingWrite, WriteError};
+use crate::ingest::listener::{next_connection, ConnectionLimit};
+use crate::ingest::{Ingest, RejectReason};
+use crate::model::{Key, Record};
 
 /// Binds the listener with the configured backlog and socket options.
 pub fn bind(config: &BinaryConfig) -> std::io::Result<TcpListener> {
@@ -54,44 +54,28 @@ pub fn bind(config: &BinaryConfig) -> std::io::Result<TcpListener> {
 /// `binary.write_timeout_ms`.
 pub async fn serve(
     listener: TcpListener,
-    state: Arc<AppState>,
+    ingest: Arc<Ingest>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let config = state.config.binary.clone();
-    let slots = Arc::new(Semaphore::new(config.max_connections));
-    while let Some(stream) = crate::http::next_connection(&listener, &mut shutdown, "binary").await
-    {
-        let metrics = &state.metrics;
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            metrics
-                .binary_connections_refused
-                .fetch_add(1, Ordering::Relaxed);
+    let config = ingest.engine().config().binary.clone();
+    let limit = ConnectionLimit::new(config.max_connections);
+    let counters = Arc::clone(&ingest.metrics().binary_connections);
+    while let Some(stream) = next_connection(&listener, &mut shutdown, "binary").await {
+        let Some(admitted) = limit.admit(&counters) else {
             tokio::spawn(refuse(stream, config.max_connections));
             continue;
         };
         configure(&stream, &config);
-        let state = Arc::clone(&state);
+        let ingest = Arc::clone(&ingest);
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            state
-                .metrics
-                .binary_connections
-                .fetch_add(1, Ordering::Relaxed);
-            Connection::run(stream, Arc::clone(&state), shutdown).await;
-            state
-                .metrics
-                .binary_connections
-                .fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+            Connection::run(stream, ingest, shutdown).await;
+            drop(admitted);
         });
     }
     drop(listener);
-    let all = config.max_connections as u32;
     let grace = Duration::from_millis(config.write_timeout_ms);
-    if tokio::time::timeout(grace, slots.acquire_many(all))
-        .await
-        .is_err()
-    {
+    if !limit.drain(grace).await {
         tracing::warn!(
             "binary connections still open {} ms after shutdown; closed",
             grace.as_millis()
@@ -112,7 +96,7 @@ fn configure(stream: &TcpStream, config: &BinaryConfig) {
 
 async fn refuse(mut stream: TcpStream, max: usize) {
     let mut out = BytesMut::new();
-    protocol::encode_error(
+    codec::encode_error(
         &mut out,
         ErrorCode::TooManyConnections,
         &format!("the server has {max} connections open; retry later"),
@@ -126,8 +110,8 @@ enum Outgoing {
         seq: u64,
         accepted: u32,
         rejections: Vec<(u32, RejectCode)>,
-        /// Wait for this log position before acknowledging (`group` mode).
-        wait_for: Option<Lsn>,
+        /// Acknowledged once durable (in `group` mode: after its fsync).
+        pending: PendingWrite,
     },
     Busy {
         seq: u64,
@@ -139,7 +123,7 @@ enum Outgoing {
 }
 
 struct Connection {
-    state: Arc<AppState>,
+    ingest: Arc<Ingest>,
     config: BinaryConfig,
     input: OwnedReadHalf,
     buf: BytesMut,
@@ -156,13 +140,13 @@ enum ReadEnd {
 }
 
 impl Connection {
-    async fn run(stream: TcpStream, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
-        let config = state.config.binary.clone();
+    async fn run(stream: TcpStream, ingest: Arc<Ingest>, mut shutdown: watch::Receiver<bool>) {
+        let config = ingest.engine().config().binary.clone();
         let (input, output) = stream.into_split();
         let (tx, rx) = mpsc::channel(config.max_in_flight_batches as usize);
-        let writer = tokio::spawn(write_loop(output, rx, Arc::clone(&state)));
+        let writer = tokio::spawn(write_loop(output, rx, Arc::clone(&ingest)));
         let mut conn = Connection {
-            state,
+            ingest,
             buf: BytesMut::with_capacity(64 * 1024),
             records: Vec::new(),
             config,
@@ -170,7 +154,7 @@ impl Connection {
         };
         let last = conn.read_loop(&tx, &mut shutdown).await;
         if let Some((code, message)) = last {
-            conn.state.metrics.binary_protocol_error(code);
+            conn.ingest.metrics().binary_protocol_error(code);
             tracing::debug!(?code, "binary protocol error: {message}");
             let _ = tx.send(Outgoing::Error(code, message)).await;
         }
@@ -241,17 +225,16 @@ impl Connection {
         let max = self.config.max_frame_bytes;
         let mid_frame = Duration::from_millis(self.config.read_timeout_ms);
         loop {
-            match protocol::decode_frame(&self.buf, max) {
+            match codec::decode_frame(&self.buf, max) {
                 Ok(Some(_)) => return Ok(()),
                 Ok(None) => {}
                 Err(e) => return Err(ReadEnd::Violation(e.code(), e.to_string())),
             }
             let started = !self.buf.is_empty();
-            if let Some(head) = self.buf.first_chunk::<{ protocol::HEADER_BYTES }>() {
-                let header = protocol::decode_header(head, max).expect("checked by decode_frame");
-                self.buf.reserve(
-                    protocol::HEADER_BYTES + header.payload_bytes as usize - self.buf.len(),
-                );
+            if let Some(head) = self.buf.first_chunk::<{ codec::HEADER_BYTES }>() {
+                let header = codec::decode_header(head, max).expect("checked by decode_frame");
+                self.buf
+                    .reserve(codec::HEADER_BYTES + header.payload_bytes as usize - self.buf.len());
             } else {
                 self.buf.reserve(64 * 1024);
             }
@@ -294,7 +277,7 @@ impl Connection {
     }
 
     async fn handshake(&mut self, tx: &mpsc::Sender<Outgoing>) -> Result<(), (ErrorCode, String)> {
-        let (frame, used) = protocol::decode_checked_frame(&self.buf, self.config.max_frame_bytes)
+        let (frame, used) = codec::decode_checked_frame(&self.buf, self.config.max_frame_bytes)
             .ok()
             .flatten()
             .expect("next_frame returned a whole frame");
@@ -322,7 +305,7 @@ impl Connection {
 
     /// Validates and submits the batch at the front of `buf`, and says what to answer.
     fn take_batch(&mut self) -> Result<Outgoing, (ErrorCode, String)> {
-        let (frame, used) = protocol::decode_checked_frame(&self.buf, self.config.max_frame_bytes)
+        let (frame, used) = codec::decode_checked_frame(&self.buf, self.config.max_frame_bytes)
             .ok()
             .flatten()
             .expect("next_frame returned a whole frame");
@@ -332,7 +315,7 @@ impl Connection {
                 format!("expected BATCH after the handshake, got {frame:?}"),
             ));
         };
-        let count = records.len() / protocol::RECORD_BYTES;
+        let count = records.len() / codec::RECORD_BYTES;
         if count > self.config.max_records_per_batch as usize {
             return Err((
                 ErrorCode::TooManyRecords,
@@ -342,26 +325,26 @@ impl Connection {
                 ),
             ));
         }
-        let now = self.state.engine.now_ms();
+        let now = self.ingest.engine().now_ms();
         self.records.clear();
         let mut rejections = Vec::new();
         for (index, wire) in Frame::records(records).enumerate() {
-            match validate(&self.state, &wire, now) {
+            match validate(&self.ingest, &wire, now) {
                 Ok(record) => self.records.push(record),
                 Err(code) => rejections.push((index as u32, code)),
             }
         }
         self.buf.advance(used);
         for (_, code) in &rejections {
-            self.state.metrics.rejected("binary", code.name(), 1);
+            self.ingest.metrics().rejected("binary", code.name(), 1);
         }
         let accepted = self.records.len() as u32;
-        match self.state.engine.submit(&self.records) {
+        match self.ingest.engine().submit(&self.records) {
             Ok(pending) => Ok(Outgoing::Ack {
                 seq,
                 accepted,
                 rejections,
-                wait_for: pending.wait_for,
+                pending,
             }),
             Err(WriteError::Log(WalError::Closed)) => Err((
                 ErrorCode::ShuttingDown,
@@ -378,29 +361,24 @@ impl Connection {
     }
 }
 
-/// Checks one record against the catalog and the ingest rules and stamps it.
-fn validate(state: &AppState, wire: &WireRecord, now_ms: u64) -> Result<Record, RejectCode> {
-    let title = state
-        .catalog
+/// Checks one record against the catalog and the ingest rules ([`Ingest::record`]) and
+/// stamps it; a timestamp of 0 means "none given".
+fn validate(ingest: &Ingest, wire: &WireRecord, now_ms: u64) -> Result<Record, RejectCode> {
+    let title = ingest
+        .catalog()
         .by_title_id(wire.title_id)
         .ok_or(RejectCode::UnknownTitle)?;
-    let limit = title
-        .duration_seconds
-        .saturating_add(state.config.api.position_allowance_seconds);
-    if wire.position_seconds > limit || model::validate_position(wire.position_seconds).is_err() {
+    if wire.position_seconds > ingest.position_limit(title) {
         return Err(RejectCode::PositionOutOfRange);
     }
     let client = (wire.timestamp_ms != 0).then_some(wire.timestamp_ms);
-    let at = model::stamp(client, now_ms, state.config.ingest.max_clock_skew_ms);
-    if at < now_ms.saturating_sub(state.config.retention_ms()) {
-        return Err(RejectCode::TimestampTooOld);
-    }
-    // The tombstone's device is reserved so that a heartbeat never ties with a delete.
-    let device = wire.device_id.min(Value::TOMBSTONE_DEVICE - 1);
-    Ok(Record::new(
-        Key::new(wire.account_id, wire.profile_id, wire.title_id),
-        Value::new(wire.position_seconds, at, device),
-    ))
+    let key = Key::new(wire.account_id, wire.profile_id, wire.title_id);
+    ingest
+        .record(key, wire.position_seconds, wire.device_id, client, now_ms)
+        .map_err(|reason| match reason {
+            RejectReason::TooOld => RejectCode::TimestampTooOld,
+            RejectReason::ReservedPosition => RejectCode::PositionOutOfRange,
+        })
 }
 
 /// Writes replies in order, each ack after its batch is durable; coalesces replies that are
@@ -408,17 +386,17 @@ fn validate(state: &AppState, wire: &WireRecord, now_ms: u64) -> Result<Record, 
 async fn write_loop(
     mut output: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Outgoing>,
-    state: Arc<AppState>,
+    ingest: Arc<Ingest>,
 ) {
     const COALESCE_BYTES: usize = 64 * 1024;
-    let write_timeout = Duration::from_millis(state.config.binary.write_timeout_ms);
+    let write_timeout = Duration::from_millis(ingest.engine().config().binary.write_timeout_ms);
     let mut out = BytesMut::with_capacity(COALESCE_BYTES);
     while let Some(first) = rx.recv().await {
         out.clear();
-        let mut closing = encode_reply(first, &mut out, &state).await;
+        let mut closing = encode_reply(first, &mut out, &ingest).await;
         while !closing && out.len() < COALESCE_BYTES {
             match rx.try_recv() {
-                Ok(next) => closing = encode_reply(next, &mut out, &state).await,
+                Ok(next) => closing = encode_reply(next, &mut out, &ingest).await,
                 Err(_) => break,
             }
         }
@@ -442,35 +420,32 @@ async fn write_loop(
 }
 
 /// Appends one reply; returns true when it is the last one (an error).
-async fn encode_reply(reply: Outgoing, out: &mut BytesMut, state: &AppState) -> bool {
-    let metrics = &state.metrics;
+async fn encode_reply(reply: Outgoing, out: &mut BytesMut, ingest: &Ingest) -> bool {
+    let metrics = ingest.metrics();
+    let busy_retry_after_ms = ingest.engine().config().binary.busy_retry_after_ms;
     match reply {
-        Outgoing::HelloOk(limits) => protocol::encode_hello_ok(out, limits),
+        Outgoing::HelloOk(limits) => codec::encode_hello_ok(out, limits),
         Outgoing::Ack {
             seq,
             accepted,
             rejections,
-            wait_for,
+            pending,
         } => {
-            let durable = match wait_for {
-                Some(lsn) => state.engine.shared().wal.wait_durable(lsn).await.is_ok(),
-                None => true,
-            };
-            if durable {
+            if pending.durable(ingest.engine()).await.is_ok() {
                 metrics.accepted("binary", u64::from(accepted));
-                protocol::encode_ack(out, seq, accepted, &rejections);
+                codec::encode_ack(out, seq, accepted, &rejections);
             } else {
                 // The fsync covering this batch failed: it is not acknowledged.
                 metrics.rejected("binary", "overloaded", u64::from(accepted));
-                protocol::encode_busy(out, seq, state.config.binary.busy_retry_after_ms);
+                codec::encode_busy(out, seq, busy_retry_after_ms);
             }
         }
         Outgoing::Busy { seq, records } => {
             metrics.rejected("binary", "overloaded", u64::from(records));
-            protocol::encode_busy(out, seq, state.config.binary.busy_retry_after_ms);
+            codec::encode_busy(out, seq, busy_retry_after_ms);
         }
         Outgoing::Error(code, message) => {
-            protocol::encode_error(out, code, &message);
+            codec::encode_error(out, code, &message);
             return true;
         }
     }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use super::ring::{Ring, RingError, RingNode, DEFAULT_WEIGHT};
 use super::{Client, ClientError, Reply};
-use crate::protocol::{RejectCode, WireRecord};
+use crate::ingest::binary::codec::{RejectCode, WireRecord};
 
 /// One node: where its binary listener is, and its place on the ring — the `id` and
 /// `weight` of its `server` line in the HAProxy config, so HTTP and binary agree.

@@ -35,6 +35,8 @@
 //! ([`breaker::run`]). A request its caller stopped waiting for is counted as cancelled,
 //! not as a failure.
 
+pub mod config;
+
 use std::fmt::Write as _;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -59,9 +61,10 @@ use tokio::sync::Semaphore;
 
 use super::breaker::{self, BreakerState, CircuitBreaker};
 use super::{MostRecent, RecentTitles, Store, StoreError, TitleEntry};
-use crate::config::{CassandraStoreConfig, Config, ConsistencyLevel, ReplicationStrategy};
-use crate::metrics::{self, Histogram};
+use crate::config::Config;
 use crate::model::{Key, Record, Value};
+use crate::telemetry::metrics::{self, Histogram};
+use config::{CassandraStoreConfig, ConsistencyLevel, ReplicationStrategy};
 
 /// The table every statement names.
 pub const TABLE: &str = "positions";
@@ -162,7 +165,7 @@ pub fn write_timestamp_micros(value: &Value) -> i64 {
 
 /// The TTL bound into each write, clamped to what CQL's `int` and Cassandra accept.
 pub fn ttl_for_cql(ttl_seconds: u64) -> i32 {
-    ttl_seconds.clamp(1, crate::config::MAX_CASSANDRA_TTL_SECONDS) as i32
+    ttl_seconds.clamp(1, config::MAX_CASSANDRA_TTL_SECONDS) as i32
 }
 
 /// Big-endian `(updated_at_ms, device_id, position_seconds)`: unsigned byte order equals

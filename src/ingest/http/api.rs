@@ -1,8 +1,6 @@
 //! Handlers of the public API (`/api/v1/...`): progress writes, resume reads,
 //! continue-watching and deletes. Contract: docs/api.md.
 
-use std::collections::{HashMap, HashSet};
-
 use bytes::Bytes;
 use http::{header, HeaderMap, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -12,10 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::{respond, AppState, Response};
-use crate::auth::Principal;
-use crate::catalog::{Title, MAX_TITLE_ID_BYTES};
-use crate::engine::{ProfileTitles, ReadResult, ReadSource, RejectReason};
-use crate::model::{Key, Value};
+use crate::engine::{ReadResult, ReadSource};
+use crate::ingest::auth::Principal;
+use crate::ingest::RejectReason;
+use crate::model::Key;
+use crate::resume::catalog::{Title, MAX_TITLE_ID_BYTES};
+use crate::resume::{self, ContinueItem, Resume};
 
 /// Body of `POST /api/v1/stream/progress`.
 #[derive(Debug, Deserialize)]
@@ -109,7 +109,7 @@ fn title<'a>(state: &'a AppState, movie_id: &str) -> Result<&'a Title, ApiError>
             format!("movie_id must be 1 to {MAX_TITLE_ID_BYTES} bytes"),
         ));
     }
-    state.catalog.get(movie_id).ok_or_else(|| {
+    state.ingest.catalog().get(movie_id).ok_or_else(|| {
         ApiError::not_found(
             "unknown_movie",
             format!("no title `{movie_id}` in the catalog"),
@@ -199,10 +199,7 @@ pub async fn post_progress(
             "position_seconds must be a finite number >= 0",
         ));
     }
-    let limit = title
-        .duration_seconds
-        .saturating_add(api.position_allowance_seconds);
-    if p > f64::from(limit) {
+    if p > f64::from(state.ingest.position_limit(title)) {
         return Err(ApiError::unprocessable(
             "position_out_of_range",
             format!(
@@ -230,9 +227,10 @@ pub async fn post_progress(
         }
     };
     let key = Key::new(principal.account_id, principal.profile_id, title.title_id);
+    let now_ms = state.ingest.engine().now_ms();
     let record = state
-        .engine
-        .heartbeat(key, p as u32, device, body.timestamp_ms)
+        .ingest
+        .record(key, p as u32, device, body.timestamp_ms, now_ms)
         .map_err(|e| match e {
             RejectReason::TooOld => ApiError::unprocessable(
                 "timestamp_too_old",
@@ -285,12 +283,13 @@ pub async fn delete_progress(
     let q = movie_query(request)?;
     let title = title(state, &q.movie_id)?;
     let key = Key::new(principal.account_id, principal.profile_id, title.title_id);
-    let record = state.engine.deletion(key);
+    let record = state.ingest.engine().deletion(key);
     state.write(&[record], "http").await?;
     Ok(no_content())
 }
 
-/// `GET /api/v1/stream?movie_id=X` → where to resume. Never fails because of the store.
+/// `GET /api/v1/stream?movie_id=X` → where to resume ([`resume::resume`]). Never fails
+/// because of the store.
 pub async fn get_stream(
     state: &AppState,
     request: &Request<Incoming>,
@@ -298,160 +297,84 @@ pub async fn get_stream(
     let principal = authenticate(state, request.headers())?;
     let q = movie_query(request)?;
     let requested = title(state, &q.movie_id)?;
-    let key = Key::new(
+    let answer = resume::resume(
+        state.ingest.catalog(),
+        state.config.api.completed_ratio,
         principal.account_id,
         principal.profile_id,
-        requested.title_id,
-    );
-    let read = state.read(key).await;
-    let completed = read
-        .value
-        .is_some_and(|v| state.is_completed(v.position_seconds, requested));
-    if completed {
-        if let Some(next) = state.catalog.next_episode(requested) {
-            let next_key = Key::new(principal.account_id, principal.profile_id, next.title_id);
-            let next_read = state.read(next_key).await;
-            let mut response = state.answer(principal, next, next_read);
-            response.next_episode_of = Some(requested.id.clone());
-            response.completed = true;
-            return json(&response);
-        }
-    }
-    json(&state.answer(principal, requested, read))
+        requested,
+        |key| state.read(key),
+    )
+    .await;
+    json(&state.answer(principal, &answer))
 }
 
-/// `GET /api/v1/continue-watching` → in-progress titles, newest first, one per series.
-///
-/// The list is what sorting *all* of the profile's titles by recency and filtering them
-/// gives. It is computed from the profile's most recent titles: first `8 × limit` of them
-/// (completed films, deletions and older episodes of a series are dropped, so more than
-/// `limit` are read); when those leave fewer than `limit` items and the profile has more
-/// titles, from 4 times as many, until the list is full or the profile exhausted. The
-/// sorted prefix is exact ([`crate::engine::Engine::recent_titles`]) and each item depends
-/// only on the titles before it, so the first `limit` items of a prefix are the first
-/// `limit` of the whole.
+/// `GET /api/v1/continue-watching` → in-progress titles, newest first, one per series
+/// ([`resume::continue_watching`]).
 pub async fn continue_watching(
     state: &AppState,
     request: &Request<Incoming>,
 ) -> Result<Response, ApiError> {
     let principal = authenticate(state, request.headers())?;
-    let limit = state.config.api.continue_watching_limit;
-    let mut count = limit.saturating_mul(8);
-    loop {
-        let recent = state
-            .engine
-            .recent_titles(principal.account_id, principal.profile_id, count)
-            .await;
-        let items = continue_items(state, principal, &recent, limit).await;
-        if items.len() == limit || recent.complete {
-            return json(&ContinueResponse {
-                items,
-                source: source_name(recent.source),
-            });
-        }
-        count = count.saturating_mul(4);
-    }
-}
-
-/// The continue-watching items `recent` yields, at most `limit`: newest first, one per
-/// series (its most recent episode), completed films left out, a completed episode replaced
-/// by the next one at that one's own saved position.
-async fn continue_items(
-    state: &AppState,
-    principal: Principal,
-    recent: &ProfileTitles,
-    limit: usize,
-) -> Vec<ContinueEntry> {
-    let by_title: HashMap<u64, Value> = recent
-        .titles
+    let engine = state.ingest.engine();
+    let (account_id, profile_id) = (principal.account_id, principal.profile_id);
+    let (items, source) = resume::continue_watching(
+        state.ingest.catalog(),
+        state.config.api.completed_ratio,
+        account_id,
+        profile_id,
+        state.config.api.continue_watching_limit,
+        |count| engine.recent_titles(account_id, profile_id, count),
+        |key| engine.get(key),
+    )
+    .await;
+    let items = items
         .iter()
-        .map(|e| (e.title_id, e.value))
+        .map(|item| state.continue_entry(principal, item))
         .collect();
-    let mut seen_series: HashSet<&str> = HashSet::new();
-    let mut items = Vec::new();
-    for entry in &recent.titles {
-        let Some(title) = state.catalog.by_title_id(entry.title_id) else {
-            continue;
-        };
-        let value = entry.value;
-        if let Some((series, _)) = &title.series {
-            if !seen_series.insert(series.as_str()) {
-                continue;
-            }
-        }
-        let (shown, position) = if state.is_completed(value.position_seconds, title) {
-            // A finished episode: offer the next one, at its own saved position.
-            let Some(next) = state.catalog.next_episode(title) else {
-                continue;
-            };
-            // Listed: its exact value. Not listed in a complete listing: nothing saved.
-            // Otherwise it is older than the listed part: read it on its own.
-            let saved = match by_title.get(&next.title_id) {
-                Some(v) => Some(*v),
-                None if recent.complete => None,
-                None => {
-                    let key = Key::new(principal.account_id, principal.profile_id, next.title_id);
-                    state.engine.get(key).await.value
-                }
-            };
-            let position = saved
-                .map(|v| v.position_seconds)
-                .filter(|&p| !state.is_completed(p, next))
-                .unwrap_or(0);
-            (next, position)
-        } else {
-            (title, value.position_seconds)
-        };
-        items.push(ContinueEntry {
-            movie_id: shown.id.clone(),
-            stream_url: shown.stream_url.clone(),
-            resume_position_seconds: position,
-            duration_seconds: shown.duration_seconds,
-            updated_at_ms: value.updated_at_ms,
-            series: title.series.as_ref().map(|(s, _)| s.clone()),
-            last_device_id: state.devices.name(principal.account_id, value.device_id),
-        });
-        if items.len() == limit {
-            break;
-        }
-    }
-    items
+    json(&ContinueResponse {
+        items,
+        source: source_name(source),
+    })
 }
 
 impl AppState {
-    /// True when `position_seconds` is at or past the completion threshold of `title`.
-    pub fn is_completed(&self, position_seconds: u32, title: &Title) -> bool {
-        f64::from(position_seconds)
-            >= self.config.api.completed_ratio * f64::from(title.duration_seconds)
-    }
-
+    /// A resume read, timed for `playhead_resume_read_duration_seconds`.
     async fn read(&self, key: Key) -> ReadResult {
         let started = std::time::Instant::now();
-        let read = self.engine.get(key).await;
+        let read = self.ingest.engine().get(key).await;
         self.metrics.resume_read_seconds.observe(started.elapsed());
         read
     }
 
-    fn answer(&self, principal: Principal, title: &Title, read: ReadResult) -> StreamResponse {
-        let completed = read
-            .value
-            .is_some_and(|v| self.is_completed(v.position_seconds, title));
-        let position = match read.value {
-            Some(v) if !completed => v.position_seconds,
-            _ => 0,
-        };
+    fn answer(&self, principal: Principal, answer: &Resume<'_>) -> StreamResponse {
+        let title = answer.title;
         StreamResponse {
             movie_id: title.id.clone(),
             stream_url: title.stream_url.clone(),
-            resume_position_seconds: position,
+            resume_position_seconds: answer.position_seconds,
             duration_seconds: title.duration_seconds,
-            updated_at_ms: read.value.map(|v| v.updated_at_ms),
-            last_device_id: read
+            updated_at_ms: answer.value.map(|v| v.updated_at_ms),
+            last_device_id: answer
                 .value
                 .and_then(|v| self.devices.name(principal.account_id, v.device_id)),
-            next_episode_of: None,
-            completed,
-            source: source_name(read.source),
+            next_episode_of: answer.next_episode_of.map(|t| t.id.clone()),
+            completed: answer.completed,
+            source: source_name(answer.source),
+        }
+    }
+
+    fn continue_entry(&self, principal: Principal, item: &ContinueItem<'_>) -> ContinueEntry {
+        ContinueEntry {
+            movie_id: item.shown.id.clone(),
+            stream_url: item.shown.stream_url.clone(),
+            resume_position_seconds: item.position_seconds,
+            duration_seconds: item.shown.duration_seconds,
+            updated_at_ms: item.value.updated_at_ms,
+            series: item.watched.series.as_ref().map(|(s, _)| s.clone()),
+            last_device_id: self
+                .devices
+                .name(principal.account_id, item.value.device_id),
         }
     }
 
@@ -461,9 +384,11 @@ impl AppState {
         records: &[crate::model::Record],
         protocol: &str,
     ) -> Result<(), ApiError> {
-        match self.engine.write(records).await {
+        match self.ingest.engine().write(records).await {
             Ok(_) => {
-                self.metrics.accepted(protocol, records.len() as u64);
+                self.ingest
+                    .metrics()
+                    .accepted(protocol, records.len() as u64);
                 Ok(())
             }
             Err(e) => Err(ApiError::unavailable(

@@ -169,7 +169,7 @@ impl RejectCode {
 pub struct WireRecord {
     pub account_id: u64,
     pub profile_id: u64,
-    /// The catalog's compact title id ([`crate::catalog::title_id_of`] of the movie id).
+    /// The catalog's compact title id ([`crate::resume::catalog::title_id_of`] of the movie id).
     pub title_id: u64,
     pub position_seconds: u32,
     pub device_id: u32,

@@ -12,6 +12,8 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{check, ConfigError};
+
 /// Longest `Authorization` header value we look at.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
@@ -88,6 +90,25 @@ impl Default for AuthConfig {
             leeway_seconds: 30,
             verified_token_cache: DEFAULT_VERIFIED_TOKENS,
         }
+    }
+}
+
+impl AuthConfig {
+    /// Range checks that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check(
+            "auth.leeway_seconds",
+            self.leeway_seconds,
+            self.leeway_seconds <= 3_600,
+            "at most 3600",
+        )?;
+        check(
+            "auth.verified_token_cache",
+            self.verified_token_cache,
+            self.verified_token_cache <= 16 << 20,
+            "at most 16777216 (0 disables it)",
+        )?;
+        Ok(())
     }
 }
 
