@@ -12,7 +12,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,30 +39,6 @@ fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .unwrap()
-}
-
-/// The haproxy binary, or `None` (with the reason printed) where it is not installed.
-fn haproxy_binary() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .chain([PathBuf::from("/usr/sbin")])
-        .map(|dir| dir.join("haproxy"))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "haproxy is not installed, and CI installs it (.ci/run): the install step failed"
-        );
-        // Straight to the process's stderr, past the test harness's capture, so that a
-        // skip shows in a plain `cargo test` run.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: haproxy is not installed (apt-get install haproxy; .ci/run does it in CI)"
-        );
-    }
-    found
 }
 
 /// HAProxy running `deploy/haproxy.cfg` in the foreground, in front of `nodes` (HTTP
@@ -308,7 +284,7 @@ fn sample_accounts() -> Vec<u64> {
 
 #[test]
 fn one_accounts_devices_share_a_node_through_haproxy_and_move_when_it_dies() {
-    let Some(haproxy) = haproxy_binary() else {
+    let Some(haproxy) = common::system_tool("haproxy", "haproxy") else {
         return;
     };
     let dirs: Vec<tempfile::TempDir> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -451,7 +427,7 @@ fn one_accounts_devices_share_a_node_through_haproxy_and_move_when_it_dies() {
 /// gives them back.
 #[test]
 fn the_admin_socket_takes_a_node_out_and_back_as_the_ring_does() {
-    let Some(haproxy) = haproxy_binary() else {
+    let Some(haproxy) = common::system_tool("haproxy", "haproxy") else {
         return;
     };
     let dirs: Vec<tempfile::TempDir> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();

@@ -599,27 +599,6 @@ fn unserved_metrics(text: &str) -> (Vec<String>, usize) {
     (unserved, seen)
 }
 
-/// `promtool`, or `None` (with the reason printed) where it is not installed.
-fn promtool() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .map(|dir| dir.join("promtool"))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "promtool is not installed, and CI installs it (scripts/test): the install step failed"
-        );
-        // Past the harness's capture, so that a skip shows in a plain `cargo test` run.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: promtool is not installed (apt-get install prometheus; scripts/test does it)"
-        );
-    }
-    found
-}
-
 fn run_promtool(promtool: &Path, args: &[&str]) {
     let out = Command::new(promtool)
         .args(args)
@@ -671,7 +650,7 @@ fn alert_rules_pass_promtool_and_name_only_served_metrics() {
         unserved.is_empty(),
         "alerts_test.yml names metrics not served: {unserved:?}"
     );
-    if let Some(promtool) = promtool() {
+    if let Some(promtool) = common::system_tool("promtool", "prometheus") {
         run_promtool(
             &promtool,
             &["check", "rules", "deploy/prometheus/alerts.yml"],

@@ -8,7 +8,7 @@
 pub mod process;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -239,4 +239,30 @@ impl Response {
         assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
         v["error"].as_str().unwrap().to_string()
     }
+}
+
+/// A system tool the tests run (`haproxy`, `promtool`), found on `PATH` or in `/usr/sbin`,
+/// or `None` with the skip printed. Installed by `scripts/test` from Debian's `package`; in
+/// CI (`CI` set) a missing tool fails the test instead of skipping it.
+pub fn system_tool(name: &str, package: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is not installed, and CI installs it (scripts/test): the install step failed"
+        );
+        // Straight to the process's stderr, past the test harness's capture, so that a skip
+        // shows in a plain `cargo test` run.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: {name} is not installed (apt-get install {package}; scripts/test does it)"
+        );
+    }
+    found
 }
