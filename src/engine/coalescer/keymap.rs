@@ -296,6 +296,16 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
     /// the hole that may live there (their probe from home passes it) move back, so every
     /// probe still ends at its key or at the first free slot. O(length of the cluster).
     pub fn remove(&mut self, key: &Key) -> Option<Held> {
+        self.remove_if(key, |_| true)
+    }
+
+    /// Removes `key` if it is present and `keep` says no to what it holds: one probe.
+    pub fn remove_unless(&mut self, key: &Key, keep: impl FnOnce(Held) -> bool) -> bool {
+        self.remove_if(key, |held| !keep(held)).is_some()
+    }
+
+    /// [`KeyMap::remove`] of an entry `take` agrees to, found by the same probe.
+    fn remove_if(&mut self, key: &Key, take: impl FnOnce(Held) -> bool) -> Option<Held> {
         if self.len == 0 {
             return None;
         }
@@ -304,6 +314,9 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
             return None;
         }
         let removed = self.slots[hole].held();
+        if !take(removed) {
+            return None;
+        }
         let cap = self.slots.len();
         let mut j = hole;
         loop {
@@ -486,14 +499,6 @@ impl<S: BuildHasher + Clone> KeyMap<S> {
                 let slot = &self.slots[i];
                 f(slot.key(), slot.held());
             }
-        }
-    }
-
-    /// Removes `key` if it is present and `keep` says no to what it holds.
-    pub fn remove_unless(&mut self, key: &Key, keep: impl FnOnce(Held) -> bool) -> bool {
-        match self.get(key) {
-            Some(held) if !keep(held) => self.remove(key).is_some(),
-            _ => false,
         }
     }
 
