@@ -25,6 +25,9 @@ pub mod wal;
 use crate::config::{Config, SyncMode};
 use crate::model::{self, Key, Record, Value};
 use crate::store::{Store, StoreError, TitleEntry, WriteHealth};
+use crate::telemetry::metrics::{
+    self, counter, counters, gauge, load, DescriptorEncoder, Encoded, Registry,
+};
 use coalescer::{Coalescer, CoalescerStats, Overloaded};
 use flusher::{FlushError, FlushReport};
 use wal::{ReplayReport, Wal, WalError, WalOptions, WalStats};
@@ -128,6 +131,52 @@ pub struct EngineStats {
     pub flush_health: FlushHealth,
     pub purged_rows: AtomicU64,
     pub purge_errors: AtomicU64,
+}
+
+impl EngineStats {
+    /// The `playhead_store_reads_total` family: where point reads were answered from.
+    fn encode_read_metrics(&self, e: &mut DescriptorEncoder<'_>) -> Encoded {
+        counters(
+            e,
+            "playhead_store_reads_total",
+            "Point reads by where the answer came from.",
+            [
+                ([("source", "memory")], load(&self.reads_memory)),
+                ([("source", "store")], load(&self.reads_store)),
+                ([("source", "degraded")], load(&self.reads_degraded)),
+            ],
+        )
+    }
+}
+
+/// The store's families: the purge, the write health (when the store keeps one), and the
+/// store's own ([`Store::encode_metrics`]).
+fn encode_store_metrics(
+    store: &dyn Store,
+    stats: &EngineStats,
+    e: &mut DescriptorEncoder<'_>,
+) -> Encoded {
+    counter(
+        e,
+        "playhead_store_purged_rows_total",
+        "Rows removed by the retention purge.",
+        load(&stats.purged_rows),
+    )?;
+    if let Some(health) = store.write_health() {
+        gauge(
+            e,
+            "playhead_store_healthy",
+            "1 while the store takes writes and syncs, 0 once several failed in a row.",
+            u32::from(health.failing().is_none()),
+        )?;
+        gauge(
+            e,
+            "playhead_store_consecutive_failures",
+            "Store writes and syncs that failed since the last successful sync.",
+            health.consecutive_failures(),
+        )?;
+    }
+    store.encode_metrics(e)
 }
 
 /// How the latest flush cycles ended. A cycle retries store errors until they pass, so
@@ -355,9 +404,30 @@ impl Engine {
         self.shared.store.write_health()
     }
 
-    /// Appends the store's own metrics (docs/metrics.md) to `out`.
-    pub fn render_store_metrics(&self, out: &mut String) {
-        self.shared.store.render_metrics(out);
+    /// Registers the metrics of the engine's parts (docs/metrics.md): the coalescer's, the
+    /// flusher's, the reads', the log's and the store's.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let shared = Arc::clone(&self.shared);
+        metrics::register(registry, "coalescer", move |e| {
+            let coalescer = &shared.coalescer;
+            coalescer.stats().encode_metrics(e, coalescer.max_keys())
+        });
+        let shared = Arc::clone(&self.shared);
+        metrics::register(registry, "flusher", move |e| {
+            flusher::encode_metrics(&shared.stats, e)
+        });
+        let shared = Arc::clone(&self.shared);
+        metrics::register(registry, "reads", move |e| {
+            shared.stats.encode_read_metrics(e)
+        });
+        let shared = Arc::clone(&self.shared);
+        metrics::register(registry, "wal", move |e| {
+            shared.wal.stats().encode_metrics(e)
+        });
+        let shared = Arc::clone(&self.shared);
+        metrics::register(registry, "store", move |e| {
+            encode_store_metrics(shared.store.as_ref(), &shared.stats, e)
+        });
     }
 
     /// Asks the store for one key within the read budget (`store.read_timeout_ms`): `Err`

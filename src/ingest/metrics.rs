@@ -1,6 +1,7 @@
 //! What both listeners count: heartbeats accepted and refused, by protocol and reason, and
 //! each listener's connections. Relaxed atomics bumped once per request or batch; refusals,
-//! the rare path, go through a small map. Rendered by the `/metrics` endpoint.
+//! the rare path, go through a small map. Registered with the metrics registry by
+//! [`crate::ingest::Ingest::register_metrics`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::ingest::binary::codec::ErrorCode;
+use crate::telemetry::metrics::{counter, counters, gauge, load, DescriptorEncoder, Encoded};
 
 /// The `protocol` label values, in index order of [`IngestMetrics::accepted`].
 pub const PROTOCOLS: [&str; 2] = ["http", "binary"];
@@ -46,5 +48,67 @@ impl IngestMetrics {
     pub fn binary_protocol_error(&self, code: ErrorCode) {
         let i = (code as usize).min(self.binary_protocol_errors.len() - 1);
         self.binary_protocol_errors[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl IngestMetrics {
+    /// The `playhead_heartbeats_*`, `playhead_http_connections*`, `playhead_binary_*`
+    /// families (docs/metrics.md).
+    pub fn encode_metrics(&self, e: &mut DescriptorEncoder<'_>) -> Encoded {
+        counters(
+            e,
+            "playhead_heartbeats_accepted_total",
+            "Heartbeats (and deletes) acknowledged, by protocol.",
+            PROTOCOLS
+                .iter()
+                .zip(&self.accepted)
+                .map(|(p, n)| ([("protocol", *p)], load(n))),
+        )?;
+        let mut rejected: Vec<_> = self.rejected.lock().iter().map(|(k, v)| (*k, *v)).collect();
+        rejected.sort();
+        counters(
+            e,
+            "playhead_heartbeats_rejected_total",
+            "Heartbeats refused, by protocol and reason.",
+            rejected
+                .into_iter()
+                .map(|((p, reason), n)| ([("protocol", p), ("reason", reason)], n)),
+        )?;
+        gauge(
+            e,
+            "playhead_http_connections",
+            "Open HTTP connections.",
+            load(&self.http_connections.open),
+        )?;
+        counter(
+            e,
+            "playhead_http_connections_refused_total",
+            "Connections closed at once because http.max_connections were open.",
+            load(&self.http_connections.refused),
+        )?;
+        gauge(
+            e,
+            "playhead_binary_connections",
+            "Open binary-protocol connections.",
+            load(&self.binary_connections.open),
+        )?;
+        counter(
+            e,
+            "playhead_binary_connections_refused_total",
+            "Binary connections refused because binary.max_connections were open.",
+            load(&self.binary_connections.refused),
+        )?;
+        counters(
+            e,
+            "playhead_binary_protocol_errors_total",
+            "Binary connections closed after a protocol error, by error code name.",
+            (1..self.binary_protocol_errors.len() as u16).filter_map(|code| {
+                let name = ErrorCode::from_u16(code)?.name();
+                Some((
+                    [("code", name)],
+                    load(&self.binary_protocol_errors[code as usize]),
+                ))
+            }),
+        )
     }
 }

@@ -14,6 +14,9 @@ pub mod metrics;
 use crate::engine::Engine;
 use crate::model::{self, Key, Record, Value};
 use crate::resume::catalog::{Catalog, Title};
+use std::sync::Arc;
+
+use crate::telemetry::metrics::{self as telemetry, Registry};
 use metrics::IngestMetrics;
 
 /// Why [`Ingest::record`] refuses a heartbeat. Each listener answers it in its own words
@@ -66,6 +69,16 @@ impl Ingest {
 
     pub fn metrics(&self) -> &IngestMetrics {
         &self.metrics
+    }
+
+    /// Registers the ingest counters and, through the engine, every engine component's
+    /// metrics.
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+        let ingest = Arc::clone(self);
+        telemetry::register(registry, "ingest", move |e| {
+            ingest.metrics.encode_metrics(e)
+        });
+        self.engine.register_metrics(registry);
     }
 
     /// The largest position accepted for `title`: its duration plus the allowance (credits,

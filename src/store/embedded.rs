@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{MostRecent, RecentTitles, Store, StoreError, TitleEntry, WriteHealth};
 use crate::model::{Key, Record, Value};
+use crate::telemetry::metrics::{counters, gauge, DescriptorEncoder, Encoded};
 
 /// The embedded fjall store.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -788,29 +789,20 @@ impl Store for EmbeddedStore {
         Some(&self.inner.health)
     }
 
-    fn render_metrics(&self, out: &mut String) {
-        use crate::telemetry::metrics::{header, sample, single};
+    fn encode_metrics(&self, e: &mut DescriptorEncoder<'_>) -> Encoded {
         let (ok, failed) = self.reopens();
-        header(
-            out,
+        counters(
+            e,
             "playhead_embedded_reopens_total",
-            "counter",
             "Times the embedded store reopened its database after a failed write, by outcome.",
-        );
-        sample(out, "playhead_embedded_reopens_total", "outcome=\"ok\"", ok);
-        sample(
-            out,
-            "playhead_embedded_reopens_total",
-            "outcome=\"failed\"",
-            failed,
-        );
-        single(
-            out,
+            [([("outcome", "ok")], ok), ([("outcome", "failed")], failed)],
+        )?;
+        gauge(
+            e,
             "playhead_embedded_unsynced_rows",
-            "gauge",
             "Rows applied since the last journal sync, kept to apply again after a reopen.",
             self.inner.unsynced_rows.load(Ordering::Relaxed),
-        );
+        )
     }
 }
 

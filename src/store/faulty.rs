@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::{RecentTitles, Store, StoreError, WriteHealth};
 use crate::config::{check, ConfigError};
 use crate::model::{Key, Record, Value};
+use crate::telemetry::metrics::{DescriptorEncoder, Encoded};
 
 /// Fault injection for reliability tests of the real binary (tests/reliability.rs). Off
 /// unless a path is set; never set it in production.
@@ -195,8 +196,8 @@ impl<S: Store> Store for FaultyStore<S> {
         Some(&self.health)
     }
 
-    fn render_metrics(&self, out: &mut String) {
-        self.inner.render_metrics(out);
+    fn encode_metrics(&self, encoder: &mut DescriptorEncoder<'_>) -> Encoded {
+        self.inner.encode_metrics(encoder)
     }
 }
 
@@ -299,7 +300,7 @@ impl Store for Arc<dyn Store> {
         (**self).write_health()
     }
 
-    fn render_metrics(&self, out: &mut String) {
-        (**self).render_metrics(out);
+    fn encode_metrics(&self, encoder: &mut DescriptorEncoder<'_>) -> Encoded {
+        (**self).encode_metrics(encoder)
     }
 }

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use crate::model::{Key, Record, Value};
+use crate::telemetry::metrics::{DescriptorEncoder, Encoded};
 
 pub mod breaker;
 pub mod cassandra;
@@ -250,7 +251,10 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
-    /// Appends the store's own metrics (Prometheus text format) to `out`; called by the
-    /// `/metrics` renderer. Stores without metrics of their own keep the default.
-    fn render_metrics(&self, _out: &mut String) {}
+    /// Encodes the store's own metric families (docs/metrics.md) at each scrape; the
+    /// engine registers it with the metrics registry. Stores without metrics of their own
+    /// keep the default.
+    fn encode_metrics(&self, _encoder: &mut DescriptorEncoder<'_>) -> Encoded {
+        Ok(())
+    }
 }

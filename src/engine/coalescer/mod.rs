@@ -40,6 +40,7 @@ pub mod config;
 pub mod keymap;
 
 use crate::model::{Key, Record};
+use crate::telemetry::metrics::{counter, counters, gauge, gauges, DescriptorEncoder, Encoded};
 use keymap::{Entry, Held, Location, Meta};
 
 type Hasher = foldhash::fast::RandomState;
@@ -93,6 +94,57 @@ pub struct CoalescerStats {
     pub clean_keys: u64,
     /// Clean keys evicted so far.
     pub evicted: u64,
+}
+
+impl CoalescerStats {
+    /// The `playhead_coalescer_*` families (docs/metrics.md); `max_keys` is the configured
+    /// bound.
+    pub fn encode_metrics(&self, e: &mut DescriptorEncoder<'_>, max_keys: usize) -> Encoded {
+        counters(
+            e,
+            "playhead_coalescer_upserts_total",
+            "Coalescer upserts by outcome: inserted (new key), superseded (newer value), stale (older or equal, no-op).",
+            [
+                ([("outcome", "inserted")], self.inserted),
+                ([("outcome", "superseded")], self.superseded),
+                ([("outcome", "stale")], self.stale),
+            ],
+        )?;
+        counter(
+            e,
+            "playhead_coalescer_overloaded_total",
+            "New keys refused because the coalescer was full.",
+            self.overloaded,
+        )?;
+        counter(
+            e,
+            "playhead_coalescer_profile_full_total",
+            "New titles refused because their profile held coalescer.max_titles_per_profile in memory.",
+            self.profile_full,
+        )?;
+        gauges(
+            e,
+            "playhead_coalescer_keys",
+            "Keys in memory: dirty (the store lacks their newest value), flushing (of those, being written by the running cycle), clean (stored, kept while the viewer plays).",
+            [
+                ([("state", "dirty")], self.dirty_keys),
+                ([("state", "flushing")], self.flushing_keys),
+                ([("state", "clean")], self.clean_keys),
+            ],
+        )?;
+        counter(
+            e,
+            "playhead_coalescer_evicted_total",
+            "Clean keys evicted from memory (idle, or their shard near its bound).",
+            self.evicted,
+        )?;
+        gauge(
+            e,
+            "playhead_coalescer_max_keys",
+            "Configured bound on keys in memory.",
+            max_keys,
+        )
+    }
 }
 
 struct Shard {

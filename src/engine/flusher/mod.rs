@@ -37,9 +37,10 @@ pub mod config;
 
 use crate::config::FlushConfig;
 use crate::engine::coalescer::{Checkpoint, Pick, Picked, FIRST_EPOCH};
-use crate::engine::Shared;
+use crate::engine::{EngineStats, Shared};
 use crate::model::{self, Record};
 use crate::store::{Store, StoreError};
+use crate::telemetry::metrics::{counter, counters, histogram, load, DescriptorEncoder, Encoded};
 
 /// How often the log guard looks at the log's size.
 const LOG_GUARD_EVERY: Duration = Duration::from_millis(500);
@@ -51,6 +52,61 @@ const STALLED_AFTER: Duration = Duration::from_secs(10);
 /// and writing one every few seconds to replace a few GB of log would cost more disk than
 /// it saves.
 const SNAPSHOT_GAIN: u64 = 4;
+
+/// The `playhead_flush_*` families (docs/metrics.md), from the engine's counters.
+pub fn encode_metrics(stats: &EngineStats, e: &mut DescriptorEncoder<'_>) -> Encoded {
+    counter(
+        e,
+        "playhead_flush_cycles_total",
+        "Completed flush cycles.",
+        load(&stats.flush_cycles),
+    )?;
+    counter(
+        e,
+        "playhead_flush_batches_total",
+        "Store batches written by flushes.",
+        load(&stats.flush_batches),
+    )?;
+    counter(
+        e,
+        "playhead_flush_rows_total",
+        "Rows written to the store (one per dirty key per cycle).",
+        load(&stats.flush_rows),
+    )?;
+    counter(
+        e,
+        "playhead_flush_errors_total",
+        "Store batch writes that failed (each is retried).",
+        load(&stats.flush_errors),
+    )?;
+    counter(
+        e,
+        "playhead_flush_retries_total",
+        "Store batch writes retried.",
+        load(&stats.flush_retries),
+    )?;
+    counter(
+        e,
+        "playhead_flush_panics_total",
+        "Flush cycles failed by a panicking flush task (the keys stay dirty; the next cycle retries).",
+        load(&stats.flush_panics),
+    )?;
+    counters(
+        e,
+        "playhead_flush_requests_total",
+        "Full flushes asked for by an operator (SIGUSR1) that ended, by outcome.",
+        [
+            ([("outcome", "done")], load(&stats.flush_requests_done)),
+            ([("outcome", "failed")], load(&stats.flush_requests_failed)),
+        ],
+    )?;
+    histogram(
+        e,
+        "playhead_flush_duration_seconds",
+        "Duration of flush cycles.",
+        &stats.flush_seconds,
+    )
+}
 
 /// Why a flush cycle stopped before the store took everything. The data is safe: it is
 /// still dirty in the coalescer and still in the commit log.

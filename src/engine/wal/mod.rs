@@ -65,6 +65,7 @@ use parking_lot::{Condvar, Mutex};
 use tokio::sync::watch;
 
 use crate::model::Record;
+use crate::telemetry::metrics::{counter, gauge, histogram, load, DescriptorEncoder, Encoded};
 
 pub mod config;
 mod format;
@@ -126,6 +127,84 @@ pub struct WalStats {
     pub segments_on_disk: AtomicU64,
     pub snapshot_bytes_on_disk: AtomicU64,
     pub snapshots_written: AtomicU64,
+}
+
+impl WalStats {
+    /// The `playhead_wal_*` families (docs/metrics.md).
+    pub fn encode_metrics(&self, e: &mut DescriptorEncoder<'_>) -> Encoded {
+        counter(
+            e,
+            "playhead_wal_appended_bytes_total",
+            "Bytes appended to the commit log.",
+            load(&self.appended_bytes),
+        )?;
+        counter(
+            e,
+            "playhead_wal_appended_records_total",
+            "Records appended to the commit log.",
+            load(&self.appended_records),
+        )?;
+        counter(
+            e,
+            "playhead_wal_written_bytes_total",
+            "Bytes written to segment files.",
+            load(&self.written_bytes),
+        )?;
+        counter(
+            e,
+            "playhead_wal_fsyncs_total",
+            "fsync calls on the commit log.",
+            load(&self.fsyncs),
+        )?;
+        histogram(
+            e,
+            "playhead_wal_fsync_seconds",
+            "Latency of commit-log fsyncs.",
+            &self.fsync_seconds,
+        )?;
+        gauge(
+            e,
+            "playhead_wal_fsync_max_seconds",
+            "Longest fsync since start.",
+            load(&self.fsync_nanos_max) as f64 / 1e9,
+        )?;
+        counter(
+            e,
+            "playhead_wal_write_errors_total",
+            "Failed writes or fsyncs of the commit log.",
+            load(&self.write_errors),
+        )?;
+        counter(
+            e,
+            "playhead_wal_refused_appends_total",
+            "Appends refused (buffer full or disk failing).",
+            load(&self.refused_appends),
+        )?;
+        gauge(
+            e,
+            "playhead_wal_segment_bytes",
+            "Bytes of segment files on disk.",
+            load(&self.segment_bytes_on_disk),
+        )?;
+        gauge(
+            e,
+            "playhead_wal_segments",
+            "Segment files on disk.",
+            load(&self.segments_on_disk),
+        )?;
+        gauge(
+            e,
+            "playhead_wal_snapshot_bytes",
+            "Bytes of snapshot files on disk.",
+            load(&self.snapshot_bytes_on_disk),
+        )?;
+        counter(
+            e,
+            "playhead_wal_snapshots_total",
+            "Snapshots written.",
+            load(&self.snapshots_written),
+        )
+    }
 }
 
 /// The state the writer thread publishes to group-commit waiters.

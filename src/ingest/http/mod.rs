@@ -30,11 +30,12 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::ingest::auth::Verifier;
 use crate::ingest::listener::{next_connection, ConnectionLimit};
-use crate::ingest::metrics::PROTOCOLS;
 use crate::ingest::Ingest;
 use crate::resume::DeviceNames;
 use crate::store::WriteHealth;
-use crate::telemetry::metrics::{self, Histogram};
+use crate::telemetry::metrics::{
+    self, counters, histogram, histograms, load, DescriptorEncoder, Encoded, Histogram, Registry,
+};
 use error::ApiError;
 
 /// Every answer: a whole body in one buffer (the largest is `/metrics`, ~16 KiB), so hyper
@@ -50,19 +51,32 @@ pub struct AppState {
     pub config: Config,
     /// Device names for `last_device_id` (only HTTP heartbeats carry names).
     pub devices: DeviceNames,
-    pub metrics: HttpMetrics,
+    pub metrics: Arc<HttpMetrics>,
+    /// Every component's metrics, registered once here; `/metrics` only encodes it.
+    registry: Registry,
 }
 
 impl AppState {
     pub fn new(ingest: Arc<Ingest>, verifier: Verifier) -> Self {
         let config = ingest.engine().config().clone();
+        let metrics = Arc::new(HttpMetrics::default());
+        let mut registry = Registry::default();
+        ingest.register_metrics(&mut registry);
+        let http = Arc::clone(&metrics);
+        metrics::register(&mut registry, "http", move |e| http.encode_metrics(e));
         Self {
             devices: DeviceNames::new(config.api.max_device_names),
-            metrics: HttpMetrics::default(),
+            metrics,
+            registry,
             ingest,
             verifier,
             config,
         }
+    }
+
+    /// Every metric (docs/metrics.md) in the Prometheus text format.
+    pub fn encode_metrics(&self) -> String {
+        metrics::encode(&self.registry)
     }
 }
 
@@ -237,6 +251,48 @@ pub struct HttpMetrics {
 }
 
 impl HttpMetrics {
+    /// The `playhead_http_request*` and `playhead_resume_read_duration_seconds` families
+    /// (docs/metrics.md). Routes and statuses never seen are left out.
+    pub fn encode_metrics(&self, e: &mut DescriptorEncoder<'_>) -> Encoded {
+        let status_label = |s: usize| match STATUSES[s] {
+            0 => "other".to_string(),
+            code => code.to_string(),
+        };
+        counters(
+            e,
+            "playhead_http_requests_total",
+            "HTTP requests by route and status.",
+            ROUTES.iter().enumerate().flat_map(|(r, route)| {
+                (0..STATUSES.len()).filter_map(move |s| {
+                    let n = load(&self.requests[r][s]);
+                    (n > 0).then(|| {
+                        (
+                            [("route", route.to_string()), ("status", status_label(s))],
+                            n,
+                        )
+                    })
+                })
+            }),
+        )?;
+        histograms(
+            e,
+            "playhead_http_request_duration_seconds",
+            "HTTP request latency by route and status class.",
+            ROUTES.iter().enumerate().flat_map(|(r, route)| {
+                CLASSES.iter().enumerate().filter_map(move |(k, class)| {
+                    let h = &self.latency[r][k];
+                    (h.count() > 0).then_some(([("route", *route), ("class", *class)], h))
+                })
+            }),
+        )?;
+        histogram(
+            e,
+            "playhead_resume_read_duration_seconds",
+            "Latency of resume reads (memory, then store within the budget).",
+            &self.resume_read_seconds,
+        )
+    }
+
     fn observe(&self, route: usize, status: StatusCode, elapsed: Duration) {
         let code = status.as_u16();
         let s = STATUSES
@@ -315,421 +371,9 @@ pub(crate) fn respond(status: StatusCode, content_type: &'static str, body: Byte
 fn metrics_endpoint(state: &AppState) -> Response {
     respond(
         StatusCode::OK,
-        "text/plain; version=0.0.4",
-        render(state).into(),
+        metrics::CONTENT_TYPE,
+        state.encode_metrics().into(),
     )
-}
-
-/// Renders every metric (docs/metrics.md) in the Prometheus text format.
-pub fn render(state: &AppState) -> String {
-    use metrics::{header as head, load, sample, single};
-    let mut out = String::with_capacity(16 * 1024);
-    let m = &state.metrics;
-    let ingest = state.ingest.metrics();
-    head(
-        &mut out,
-        "playhead_heartbeats_accepted_total",
-        "counter",
-        "Heartbeats (and deletes) acknowledged, by protocol.",
-    );
-    for (i, p) in PROTOCOLS.iter().enumerate() {
-        sample(
-            &mut out,
-            "playhead_heartbeats_accepted_total",
-            &format!("protocol=\"{p}\""),
-            load(&ingest.accepted[i]),
-        );
-    }
-    head(
-        &mut out,
-        "playhead_heartbeats_rejected_total",
-        "counter",
-        "Heartbeats refused, by protocol and reason.",
-    );
-    let mut rejected: Vec<_> = ingest
-        .rejected
-        .lock()
-        .iter()
-        .map(|(k, v)| (*k, *v))
-        .collect();
-    rejected.sort();
-    for ((p, reason), n) in rejected {
-        sample(
-            &mut out,
-            "playhead_heartbeats_rejected_total",
-            &format!("protocol=\"{p}\",reason=\"{reason}\""),
-            n,
-        );
-    }
-
-    let engine = state.ingest.engine();
-    let c = engine.coalescer_stats();
-    head(&mut out, "playhead_coalescer_upserts_total", "counter", "Coalescer upserts by outcome: inserted (new key), superseded (newer value), stale (older or equal, no-op).");
-    sample(
-        &mut out,
-        "playhead_coalescer_upserts_total",
-        "outcome=\"inserted\"",
-        c.inserted,
-    );
-    sample(
-        &mut out,
-        "playhead_coalescer_upserts_total",
-        "outcome=\"superseded\"",
-        c.superseded,
-    );
-    sample(
-        &mut out,
-        "playhead_coalescer_upserts_total",
-        "outcome=\"stale\"",
-        c.stale,
-    );
-    single(
-        &mut out,
-        "playhead_coalescer_overloaded_total",
-        "counter",
-        "New keys refused because the coalescer was full.",
-        c.overloaded,
-    );
-    single(
-        &mut out,
-        "playhead_coalescer_profile_full_total",
-        "counter",
-        "New titles refused because their profile held coalescer.max_titles_per_profile in memory.",
-        c.profile_full,
-    );
-    head(&mut out, "playhead_coalescer_keys", "gauge", "Keys in memory: dirty (the store lacks their newest value), flushing (of those, being written by the running cycle), clean (stored, kept while the viewer plays).");
-    sample(
-        &mut out,
-        "playhead_coalescer_keys",
-        "state=\"dirty\"",
-        c.dirty_keys,
-    );
-    sample(
-        &mut out,
-        "playhead_coalescer_keys",
-        "state=\"flushing\"",
-        c.flushing_keys,
-    );
-    sample(
-        &mut out,
-        "playhead_coalescer_keys",
-        "state=\"clean\"",
-        c.clean_keys,
-    );
-    single(
-        &mut out,
-        "playhead_coalescer_evicted_total",
-        "counter",
-        "Clean keys evicted from memory (idle, or their shard near its bound).",
-        c.evicted,
-    );
-    single(
-        &mut out,
-        "playhead_coalescer_max_keys",
-        "gauge",
-        "Configured bound on keys in memory.",
-        engine.max_keys(),
-    );
-
-    let e = engine.stats();
-    single(
-        &mut out,
-        "playhead_flush_cycles_total",
-        "counter",
-        "Completed flush cycles.",
-        load(&e.flush_cycles),
-    );
-    single(
-        &mut out,
-        "playhead_flush_batches_total",
-        "counter",
-        "Store batches written by flushes.",
-        load(&e.flush_batches),
-    );
-    single(
-        &mut out,
-        "playhead_flush_rows_total",
-        "counter",
-        "Rows written to the store (one per dirty key per cycle).",
-        load(&e.flush_rows),
-    );
-    single(
-        &mut out,
-        "playhead_flush_errors_total",
-        "counter",
-        "Store batch writes that failed (each is retried).",
-        load(&e.flush_errors),
-    );
-    single(
-        &mut out,
-        "playhead_flush_retries_total",
-        "counter",
-        "Store batch writes retried.",
-        load(&e.flush_retries),
-    );
-    single(
-        &mut out,
-        "playhead_flush_panics_total",
-        "counter",
-        "Flush cycles failed by a panicking flush task (the keys stay dirty; the next cycle retries).",
-        load(&e.flush_panics),
-    );
-    head(
-        &mut out,
-        "playhead_flush_requests_total",
-        "counter",
-        "Full flushes asked for by an operator (SIGUSR1) that ended, by outcome.",
-    );
-    sample(
-        &mut out,
-        "playhead_flush_requests_total",
-        "outcome=\"done\"",
-        load(&e.flush_requests_done),
-    );
-    sample(
-        &mut out,
-        "playhead_flush_requests_total",
-        "outcome=\"failed\"",
-        load(&e.flush_requests_failed),
-    );
-    head(
-        &mut out,
-        "playhead_flush_duration_seconds",
-        "histogram",
-        "Duration of flush cycles.",
-    );
-    e.flush_seconds
-        .render(&mut out, "playhead_flush_duration_seconds", "");
-    head(
-        &mut out,
-        "playhead_store_reads_total",
-        "counter",
-        "Point reads by where the answer came from.",
-    );
-    sample(
-        &mut out,
-        "playhead_store_reads_total",
-        "source=\"memory\"",
-        load(&e.reads_memory),
-    );
-    sample(
-        &mut out,
-        "playhead_store_reads_total",
-        "source=\"store\"",
-        load(&e.reads_store),
-    );
-    sample(
-        &mut out,
-        "playhead_store_reads_total",
-        "source=\"degraded\"",
-        load(&e.reads_degraded),
-    );
-    head(
-        &mut out,
-        "playhead_resume_read_duration_seconds",
-        "histogram",
-        "Latency of resume reads (memory, then store within the budget).",
-    );
-    m.resume_read_seconds
-        .render(&mut out, "playhead_resume_read_duration_seconds", "");
-    single(
-        &mut out,
-        "playhead_store_purged_rows_total",
-        "counter",
-        "Rows removed by the retention purge.",
-        load(&e.purged_rows),
-    );
-    if let Some(health) = engine.store_write_health() {
-        single(
-            &mut out,
-            "playhead_store_healthy",
-            "gauge",
-            "1 while the store takes writes and syncs, 0 once several failed in a row.",
-            u8::from(health.failing().is_none()),
-        );
-        single(
-            &mut out,
-            "playhead_store_consecutive_failures",
-            "gauge",
-            "Store writes and syncs that failed since the last successful sync.",
-            health.consecutive_failures(),
-        );
-    }
-    engine.render_store_metrics(&mut out);
-
-    let w = engine.wal_stats();
-    single(
-        &mut out,
-        "playhead_wal_appended_bytes_total",
-        "counter",
-        "Bytes appended to the commit log.",
-        load(&w.appended_bytes),
-    );
-    single(
-        &mut out,
-        "playhead_wal_appended_records_total",
-        "counter",
-        "Records appended to the commit log.",
-        load(&w.appended_records),
-    );
-    single(
-        &mut out,
-        "playhead_wal_written_bytes_total",
-        "counter",
-        "Bytes written to segment files.",
-        load(&w.written_bytes),
-    );
-    single(
-        &mut out,
-        "playhead_wal_fsyncs_total",
-        "counter",
-        "fsync calls on the commit log.",
-        load(&w.fsyncs),
-    );
-    head(
-        &mut out,
-        "playhead_wal_fsync_seconds",
-        "histogram",
-        "Latency of commit-log fsyncs.",
-    );
-    w.fsync_seconds
-        .render(&mut out, "playhead_wal_fsync_seconds", "");
-    single(
-        &mut out,
-        "playhead_wal_fsync_max_seconds",
-        "gauge",
-        "Longest fsync since start.",
-        load(&w.fsync_nanos_max) as f64 / 1e9,
-    );
-    single(
-        &mut out,
-        "playhead_wal_write_errors_total",
-        "counter",
-        "Failed writes or fsyncs of the commit log.",
-        load(&w.write_errors),
-    );
-    single(
-        &mut out,
-        "playhead_wal_refused_appends_total",
-        "counter",
-        "Appends refused (buffer full or disk failing).",
-        load(&w.refused_appends),
-    );
-    single(
-        &mut out,
-        "playhead_wal_segment_bytes",
-        "gauge",
-        "Bytes of segment files on disk.",
-        load(&w.segment_bytes_on_disk),
-    );
-    single(
-        &mut out,
-        "playhead_wal_segments",
-        "gauge",
-        "Segment files on disk.",
-        load(&w.segments_on_disk),
-    );
-    single(
-        &mut out,
-        "playhead_wal_snapshot_bytes",
-        "gauge",
-        "Bytes of snapshot files on disk.",
-        load(&w.snapshot_bytes_on_disk),
-    );
-    single(
-        &mut out,
-        "playhead_wal_snapshots_total",
-        "counter",
-        "Snapshots written.",
-        load(&w.snapshots_written),
-    );
-
-    head(
-        &mut out,
-        "playhead_http_requests_total",
-        "counter",
-        "HTTP requests by route and status.",
-    );
-    for (r, route) in ROUTES.iter().enumerate() {
-        for (s, status) in STATUSES.iter().enumerate() {
-            let n = load(&m.requests[r][s]);
-            if n > 0 {
-                let status = if *status == 0 {
-                    "other".to_string()
-                } else {
-                    status.to_string()
-                };
-                sample(
-                    &mut out,
-                    "playhead_http_requests_total",
-                    &format!("route=\"{route}\",status=\"{status}\""),
-                    n,
-                );
-            }
-        }
-    }
-    head(
-        &mut out,
-        "playhead_http_request_duration_seconds",
-        "histogram",
-        "HTTP request latency by route and status class.",
-    );
-    for (r, route) in ROUTES.iter().enumerate() {
-        for (k, class) in CLASSES.iter().enumerate() {
-            if m.latency[r][k].count() > 0 {
-                m.latency[r][k].render(
-                    &mut out,
-                    "playhead_http_request_duration_seconds",
-                    &format!("route=\"{route}\",class=\"{class}\""),
-                );
-            }
-        }
-    }
-    single(
-        &mut out,
-        "playhead_http_connections",
-        "gauge",
-        "Open HTTP connections.",
-        load(&ingest.http_connections.open),
-    );
-    single(
-        &mut out,
-        "playhead_http_connections_refused_total",
-        "counter",
-        "Connections closed at once because http.max_connections were open.",
-        load(&ingest.http_connections.refused),
-    );
-    single(
-        &mut out,
-        "playhead_binary_connections",
-        "gauge",
-        "Open binary-protocol connections.",
-        load(&ingest.binary_connections.open),
-    );
-    single(
-        &mut out,
-        "playhead_binary_connections_refused_total",
-        "counter",
-        "Binary connections refused because binary.max_connections were open.",
-        load(&ingest.binary_connections.refused),
-    );
-    head(
-        &mut out,
-        "playhead_binary_protocol_errors_total",
-        "counter",
-        "Binary connections closed after a protocol error, by error code name.",
-    );
-    for code in 1..ingest.binary_protocol_errors.len() as u16 {
-        if let Some(c) = crate::ingest::binary::codec::ErrorCode::from_u16(code) {
-            sample(
-                &mut out,
-                "playhead_binary_protocol_errors_total",
-                &format!("code=\"{}\"", c.name()),
-                load(&ingest.binary_protocol_errors[code as usize]),
-            );
-        }
-    }
-    out
 }
 
 /// Binds the API listener.

@@ -36,10 +36,11 @@
 //! not as a failure.
 
 pub mod config;
+mod metrics;
 
 use std::fmt::Write as _;
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,10 +49,9 @@ use futures::stream::{self, StreamExt};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
-use scylla::errors::{ExecutionError, RequestAttemptError, RequestError};
-use scylla::observability::history::{AttemptId, HistoryListener, RequestId, SpeculativeId};
+use scylla::errors::ExecutionError;
+use scylla::observability::history::HistoryListener;
 use scylla::policies::load_balancing::DefaultPolicy;
-use scylla::policies::retry::RetryDecision;
 use scylla::response::PagingState;
 use scylla::statement::batch::{Batch, BatchStatement, BatchType};
 use scylla::statement::prepared::PreparedStatement;
@@ -63,8 +63,9 @@ use super::breaker::{self, BreakerState, CircuitBreaker};
 use super::{MostRecent, RecentTitles, Store, StoreError, TitleEntry};
 use crate::config::Config;
 use crate::model::{Key, Record, Value};
-use crate::telemetry::metrics::{self, Histogram};
+use crate::telemetry::metrics::{DescriptorEncoder, Encoded};
 use config::{CassandraStoreConfig, ConsistencyLevel, ReplicationStrategy};
+use metrics::{CancelGuard, CassandraMetrics, InFlight, Op, RetryCounter, BREAKERS, OPS};
 
 /// The table every statement names.
 pub const TABLE: &str = "positions";
@@ -281,126 +282,6 @@ pub fn group_by_partition(records: &[Record], max_rows: usize) -> Vec<Vec<Record
         groups.extend(partition.chunks(max_rows).map(<[Record]>::to_vec));
     }
     groups
-}
-
-// ---------------------------------------------------------------------------------------
-// Metrics.
-// ---------------------------------------------------------------------------------------
-
-/// Request kinds, the `op` label of the metrics.
-const OPS: [&str; 3] = ["write", "get", "list"];
-
-#[derive(Clone, Copy)]
-enum Op {
-    Write = 0,
-    Get = 1,
-    List = 2,
-}
-
-/// Counters of the store, rendered at `/metrics` as `playhead_cassandra_*`.
-#[derive(Debug, Default)]
-pub struct CassandraMetrics {
-    requests: [AtomicU64; 3],
-    errors: [AtomicU64; 3],
-    timeouts: [AtomicU64; 3],
-    rows_written: AtomicU64,
-    /// Requests whose caller stopped waiting before the answer (a read past the engine's
-    /// budget, the rest of a flush batch after a failure); neither success nor failure.
-    cancelled: [AtomicU64; 3],
-    /// Requests refused by an open breaker without being sent, by breaker.
-    breaker_refused: [AtomicU64; 2],
-    in_flight: AtomicI64,
-    latency: [Histogram; 3],
-    /// Attempts the driver retried (its retry policy), counted by the history listener.
-    driver_retries: Arc<AtomicU64>,
-}
-
-/// The two breakers: writes (flushes) and reads (resume, continue-watching) are judged
-/// apart. The `breaker` label of the metrics.
-const BREAKERS: [&str; 2] = ["write", "read"];
-
-impl Op {
-    /// Index into [`BREAKERS`].
-    fn breaker(self) -> usize {
-        match self {
-            Op::Write => 0,
-            Op::Get | Op::List => 1,
-        }
-    }
-}
-
-/// Counts one request as cancelled unless disarmed: dropped with the caller's future.
-struct CancelGuard<'a>(Option<&'a AtomicU64>);
-
-impl CancelGuard<'_> {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for CancelGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(counter) = self.0 {
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// One request counted in the in-flight gauge for as long as it lives.
-struct InFlight<'a>(&'a AtomicI64);
-
-impl<'a> InFlight<'a> {
-    fn enter(gauge: &'a AtomicI64) -> Self {
-        gauge.fetch_add(1, Ordering::Relaxed);
-        Self(gauge)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Counts the driver's retry decisions. The ids it hands out only need to be unique.
-#[derive(Debug)]
-struct RetryCounter {
-    retries: Arc<AtomicU64>,
-    next_id: AtomicU64,
-}
-
-impl RetryCounter {
-    fn id(&self) -> usize {
-        self.next_id.fetch_add(1, Ordering::Relaxed) as usize
-    }
-}
-
-impl HistoryListener for RetryCounter {
-    fn log_request_start(&self) -> RequestId {
-        RequestId(self.id())
-    }
-    fn log_request_success(&self, _: RequestId) {}
-    fn log_request_error(&self, _: RequestId, _: &RequestError) {}
-    fn log_new_speculative_fiber(&self, _: RequestId) -> SpeculativeId {
-        SpeculativeId(self.id())
-    }
-    fn log_attempt_start(
-        &self,
-        _: RequestId,
-        _: Option<SpeculativeId>,
-        _: std::net::SocketAddr,
-    ) -> AttemptId {
-        AttemptId(self.id())
-    }
-    fn log_attempt_success(&self, _: AttemptId) {}
-    fn log_attempt_error(&self, _: AttemptId, _: &RequestAttemptError, decision: &RetryDecision) {
-        if matches!(
-            decision,
-            RetryDecision::RetrySameTarget(_) | RetryDecision::RetryNextTarget(_)
-        ) {
-            self.retries.fetch_add(1, Ordering::Relaxed);
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -776,109 +657,8 @@ impl Store for CassandraStore {
         Ok(0)
     }
 
-    fn render_metrics(&self, out: &mut String) {
-        render_metrics(&self.inner.metrics, &self.inner.breakers, out);
-    }
-}
-
-/// Appends the `playhead_cassandra_*` metrics (docs/cassandra.md) to `out`.
-fn render_metrics(m: &CassandraMetrics, breakers: &[Arc<CircuitBreaker>; 2], out: &mut String) {
-    use metrics::{header, load, sample, single};
-    for (name, help, counters) in [
-        (
-            "playhead_cassandra_requests_total",
-            "Requests sent to the cluster, by operation.",
-            &m.requests,
-        ),
-        (
-            "playhead_cassandra_errors_total",
-            "Requests that failed (driver or server error, timeouts included), by operation.",
-            &m.errors,
-        ),
-        (
-            "playhead_cassandra_timeouts_total",
-            "Requests that hit store.cassandra.request_timeout_ms, by operation.",
-            &m.timeouts,
-        ),
-        (
-            "playhead_cassandra_cancelled_total",
-            "Requests whose caller stopped waiting before the answer (not failures), by operation.",
-            &m.cancelled,
-        ),
-    ] {
-        header(out, name, "counter", help);
-        for (i, op) in OPS.iter().enumerate() {
-            sample(out, name, &format!("op=\"{op}\""), load(&counters[i]));
-        }
-    }
-    single(
-        out,
-        "playhead_cassandra_driver_retries_total",
-        "counter",
-        "Attempts the driver's retry policy sent again.",
-        load(&m.driver_retries),
-    );
-    single(
-        out,
-        "playhead_cassandra_rows_written_total",
-        "counter",
-        "Rows acknowledged by the cluster.",
-        load(&m.rows_written),
-    );
-    single(
-        out,
-        "playhead_cassandra_in_flight_requests",
-        "gauge",
-        "Requests outstanding now.",
-        m.in_flight.load(Ordering::Relaxed).max(0),
-    );
-    let per_breaker =
-        |out: &mut String, name: &str, kind: &str, help: &str, value: &dyn Fn(usize) -> u64| {
-            header(out, name, kind, help);
-            for (i, which) in BREAKERS.iter().enumerate() {
-                sample(out, name, &format!("breaker=\"{which}\""), value(i));
-            }
-        };
-    per_breaker(
-        out,
-        "playhead_cassandra_breaker_state",
-        "gauge",
-        "Circuit breaker of writes / of reads: 0 closed, 1 open, 2 half-open.",
-        &|i| u64::from(breakers[i].state().as_gauge()),
-    );
-    per_breaker(
-        out,
-        "playhead_cassandra_breaker_opened_total",
-        "counter",
-        "Times the circuit breaker opened.",
-        &|i| breakers[i].times_opened(),
-    );
-    per_breaker(
-        out,
-        "playhead_cassandra_breaker_refused_total",
-        "counter",
-        "Requests refused by the open breaker without being sent.",
-        &|i| load(&m.breaker_refused[i]),
-    );
-    per_breaker(
-        out,
-        "playhead_cassandra_breaker_probes_abandoned_total",
-        "counter",
-        "Half-open probes dropped without an outcome (0 unless a probe task panicked).",
-        &|i| breakers[i].probes_abandoned(),
-    );
-    header(
-        out,
-        "playhead_cassandra_request_duration_seconds",
-        "histogram",
-        "Latency of requests to the cluster, by operation.",
-    );
-    for (i, op) in OPS.iter().enumerate() {
-        m.latency[i].render(
-            out,
-            "playhead_cassandra_request_duration_seconds",
-            &format!("op=\"{op}\""),
-        );
+    fn encode_metrics(&self, encoder: &mut DescriptorEncoder<'_>) -> Encoded {
+        self.inner.metrics.encode(&self.inner.breakers, encoder)
     }
 }
 
@@ -1040,40 +820,6 @@ mod tests {
         assert_eq!(seen, records.len());
         assert_eq!(group_by_partition(&records, 100).len(), 3);
         assert!(group_by_partition(&[], 4).is_empty());
-    }
-
-    #[test]
-    fn metrics_render_every_family_with_op_labels() {
-        let m = CassandraMetrics::default();
-        m.requests[Op::Get as usize].fetch_add(3, Ordering::Relaxed);
-        m.latency[Op::Write as usize].observe(Duration::from_millis(2));
-        {
-            let _one = InFlight::enter(&m.in_flight);
-            assert_eq!(m.in_flight.load(Ordering::Relaxed), 1);
-        }
-        m.cancelled[Op::Get as usize].fetch_add(2, Ordering::Relaxed);
-        let breakers = [(); 2].map(|()| CircuitBreaker::new(1, Duration::from_secs(1)));
-        match breakers[1].admit() {
-            breaker::Admission::Go(ticket) => ticket.failure(),
-            other => panic!("a closed breaker admits, got {other:?}"),
-        }
-        let mut out = String::new();
-        render_metrics(&m, &breakers, &mut out);
-        for line in [
-            "playhead_cassandra_requests_total{op=\"get\"} 3\n",
-            "playhead_cassandra_errors_total{op=\"list\"} 0\n",
-            "playhead_cassandra_in_flight_requests 0\n",
-            "playhead_cassandra_cancelled_total{op=\"get\"} 2\n",
-            "playhead_cassandra_breaker_state{breaker=\"write\"} 0\n",
-            "playhead_cassandra_breaker_state{breaker=\"read\"} 1\n",
-            "playhead_cassandra_breaker_opened_total{breaker=\"read\"} 1\n",
-            "playhead_cassandra_breaker_refused_total{breaker=\"write\"} 0\n",
-            "playhead_cassandra_breaker_probes_abandoned_total{breaker=\"read\"} 0\n",
-            "playhead_cassandra_request_duration_seconds_count{op=\"write\"} 1\n",
-            "# TYPE playhead_cassandra_driver_retries_total counter\n",
-        ] {
-            assert!(out.contains(line), "missing {line:?} in\n{out}");
-        }
     }
 
     #[test]
