@@ -13,6 +13,9 @@
 #
 # READ_TIMEOUT_MS sets the nodes' store.read_timeout_ms (default 70): on a small shared
 # machine the verify's Cassandra reads can miss 70 ms and answer `degraded` (position 0).
+# The verify asks a degraded answer again (5 times, 3 s in all) and reports the keys right
+# on a retry apart ("degraded then right"); a wrong answer, or one degraded every time, is a
+# mismatch.
 # KILL_NODE=0 runs without a kill (a capacity run). CPU_PIDS="pid pid …" (e.g. the Cassandra
 # nodes' JVMs) reports the cores those processes used during the fleet, next to the
 # Playhead nodes' own (the killed node's only up to its kill).

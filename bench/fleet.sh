@@ -144,6 +144,7 @@ print(json.dumps({
     "server_cpu_s": cpu, "server_cpu_total_s": round(sum(cpu.values()), 1),
     "loadgen_cpu_s": round(float(gen1) - float(gen0), 1), "window_s": round(secs, 1),
     "drain_s": float(drain), "verify_checked": v.get("checked"), "verify_mismatches": v.get("mismatches"),
+    "verify_degraded_then_right": v.get("degraded_then_right"),
     "loadgen_exit": int(status),
 }))
 PY

@@ -611,7 +611,15 @@ fn count(
     }
 }
 
-/// Reads every key in `sample` back (HTTP resume) and compares with the expected position.
+/// How often `verify` asks again for a key answered `degraded` (its store read missed the
+/// server's budget: the server says it does not know, which is not a wrong answer), as a
+/// player would retry; pauses grow by [`VERIFY_RETRY_PAUSE`] each time (3 s in all). A key
+/// still degraded after them counts as a mismatch.
+const VERIFY_DEGRADED_RETRIES: u32 = 5;
+const VERIFY_RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Reads every key in `sample` back (HTTP resume) and compares with the expected position;
+/// a degraded answer is asked again ([`VERIFY_DEGRADED_RETRIES`]), a wrong one never.
 pub async fn verify(
     args: &Args,
     titles: &Arc<Vec<LoadTitle>>,
@@ -634,27 +642,44 @@ pub async fn verify(
                 target.push_str("/api/v1/stream?movie_id=");
                 target.push_str(&title.movie_id);
                 let token = tokens.get(e.account_id, e.profile_id)?.to_string();
-                let response = conn.send("GET", &target, &token, None).await?;
                 result.checked += 1;
-                let answer: serde_json::Value =
-                    serde_json::from_slice(&response.body).unwrap_or_default();
+                let mut retries = 0;
+                let (response, answer) = loop {
+                    let response = conn.send("GET", &target, &token, None).await?;
+                    let answer: serde_json::Value =
+                        serde_json::from_slice(&response.body).unwrap_or_default();
+                    let degraded = response.status == 200 && answer["source"] == "degraded";
+                    if !degraded || retries == VERIFY_DEGRADED_RETRIES {
+                        break (response, answer);
+                    }
+                    retries += 1;
+                    tokio::time::sleep(VERIFY_RETRY_PAUSE * retries).await;
+                };
                 let got = answer["resume_position_seconds"].as_u64();
                 let same_title = answer["movie_id"].as_str() == Some(title.movie_id.as_str());
-                if response.status != 200
-                    || !same_title
-                    || got != Some(u64::from(e.position_seconds))
-                    || answer["source"] == "degraded"
-                {
+                let right = response.status == 200
+                    && same_title
+                    && got == Some(u64::from(e.position_seconds))
+                    && answer["source"] != "degraded";
+                if right && retries > 0 {
+                    result.degraded_then_right += 1;
+                }
+                if !right {
                     result.mismatches += 1;
                     if result.examples.len() < 5 {
                         result.examples.push(format!(
-                            "account {} profile {} {}: expected {} s, server said {} {}",
+                            "account {} profile {} {}: expected {} s, server said {} {}{}",
                             e.account_id,
                             e.profile_id,
                             title.movie_id,
                             e.position_seconds,
                             response.status,
-                            String::from_utf8_lossy(&response.body)
+                            String::from_utf8_lossy(&response.body),
+                            if retries > 0 {
+                                format!(" (after {retries} retries of a degraded answer)")
+                            } else {
+                                String::new()
+                            }
                         ));
                     }
                 }
@@ -667,6 +692,7 @@ pub async fn verify(
         let part = done??;
         total.checked += part.checked;
         total.mismatches += part.mismatches;
+        total.degraded_then_right += part.degraded_then_right;
         total.examples.extend(part.examples);
     }
     total.examples.truncate(5);
@@ -676,6 +702,107 @@ pub async fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scripted peer for the verifier alone (the server's own answers are tested in
+    /// tests/): per movie, the bodies it answers in turn (the last one repeated), and how
+    /// many requests each movie got.
+    async fn scripted_peer(
+        script: HashMap<&'static str, Vec<&'static str>>,
+    ) -> (SocketAddr, Arc<std::sync::Mutex<HashMap<String, usize>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let asked = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+        let counts = Arc::clone(&asked);
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let (script, counts) = (script.clone(), Arc::clone(&counts));
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match socket.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        buf.drain(..end + 4);
+                        let movie = head.split("movie_id=").nth(1).unwrap();
+                        let movie = movie.split(' ').next().unwrap().to_string();
+                        let n = {
+                            let mut counts = counts.lock().unwrap();
+                            let n = counts.entry(movie.clone()).or_default();
+                            *n += 1;
+                            *n
+                        };
+                        let answers = &script[movie.as_str()];
+                        let body = answers[(n - 1).min(answers.len() - 1)];
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        socket.write_all(reply.as_bytes()).await.unwrap();
+                    }
+                });
+            }
+        });
+        (addr, asked)
+    }
+
+    /// A degraded answer is asked again and counted apart when the retry is right; a
+    /// wrong answer is a mismatch at once; one degraded on every retry is a mismatch.
+    #[tokio::test]
+    async fn verify_retries_degraded_answers_only() {
+        let script = HashMap::from([
+            (
+                "slow",
+                vec![
+                    r#"{"movie_id":"slow","resume_position_seconds":0,"source":"degraded"}"#,
+                    r#"{"movie_id":"slow","resume_position_seconds":7,"source":"store"}"#,
+                ],
+            ),
+            (
+                "wrong",
+                vec![r#"{"movie_id":"wrong","resume_position_seconds":5,"source":"memory"}"#],
+            ),
+            (
+                "down",
+                vec![r#"{"movie_id":"down","resume_position_seconds":0,"source":"degraded"}"#],
+            ),
+        ]);
+        let (addr, asked) = scripted_peer(script).await;
+        use clap::Parser as _;
+        let mut args = Args::parse_from(["playhead-loadgen", "fleet", "--connections", "1"]);
+        args.http_addr = addr;
+        let titles: Arc<Vec<LoadTitle>> = Arc::new(
+            ["slow", "wrong", "down"]
+                .iter()
+                .enumerate()
+                .map(|(i, m)| LoadTitle {
+                    movie_id: m.to_string(),
+                    title_id: i as u64 + 1,
+                    max_position: 100,
+                })
+                .collect(),
+        );
+        let sample: Vec<Expected> = (0..3)
+            .map(|title| Expected {
+                account_id: 1,
+                profile_id: 0,
+                title,
+                position_seconds: 7,
+            })
+            .collect();
+        let v = verify(&args, &titles, &sample).await.unwrap();
+        assert_eq!((v.checked, v.mismatches, v.degraded_then_right), (3, 2, 1));
+        let asked = asked.lock().unwrap().clone();
+        assert_eq!(asked["slow"], 2, "asked again once");
+        assert_eq!(asked["wrong"], 1, "a wrong answer is not asked again");
+        assert_eq!(asked["down"], 1 + VERIFY_DEGRADED_RETRIES as usize);
+    }
 
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\ndate: x\r\n\r\n{}";
 

@@ -178,7 +178,12 @@ pub struct Latency {
 pub struct Verification {
     pub keys_written: u64,
     pub checked: u64,
+    /// Keys answered wrong, or still degraded after every retry.
     pub mismatches: u64,
+    /// Keys whose first answer was degraded (the server could not read its store within
+    /// its read budget and said so) and whose retry answered right: no lost write, a slow
+    /// store. Counted apart so a run shows both.
+    pub degraded_then_right: u64,
     pub unverifiable: u64,
     pub examples: Vec<String>,
 }
@@ -314,11 +319,12 @@ impl Report {
         );
         if let Some(v) = &self.verification {
             println!(
-                "  verify: {} keys written, {} checked, {} mismatches, {} unverifiable{}",
+                "  verify: {} keys written, {} checked, {} mismatches, {} unverifiable, {} degraded then right on a retry{}",
                 v.keys_written,
                 v.checked,
                 v.mismatches,
                 v.unverifiable,
+                v.degraded_then_right,
                 if v.mismatches == 0 {
                     " — OK"
                 } else {
