@@ -16,6 +16,11 @@ use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use playhead::events::{Event, EventKind};
 
+/// (account, profile, title).
+type Key = (u64, u64, u64);
+/// The last-write-wins order of one key's events: (updated_at_ms, device_id).
+type Version = (u64, Option<u32>);
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut args = std::env::args().skip(1);
@@ -40,8 +45,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         )
         .await?;
     eprintln!("reading PLAYHEAD_EVENTS on {url} as `{name}`; Ctrl-C stops");
-    // (account, profile, title) -> the newest (updated_at_ms, device_id) and what it said.
-    let mut newest: HashMap<(u64, u64, u64), ((u64, Option<u32>), Event)> = HashMap::new();
+    let mut newest: HashMap<Key, (Version, Event)> = HashMap::new();
     let mut messages = consumer.messages().await?;
     loop {
         let message = tokio::select! {
