@@ -14,6 +14,7 @@
 //! | `[api]` | [`crate::resume::config`] |
 //! | `[coalescer]`, `[wal]`, `[flush]` | [`crate::engine`]: `coalescer::config`, `wal::config`, `flusher::config` |
 //! | `[store]` (`.embedded`, `.cassandra`), `[faults]` | [`crate::store`]: `config`, `embedded`, `cassandra::config`, `faulty` |
+//! | `[events]` | [`crate::events::config`] |
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::engine::coalescer::config::CoalescerConfig;
 pub use crate::engine::flusher::config::FlushConfig;
 pub use crate::engine::wal::config::{SyncMode, WalConfig};
+pub use crate::events::config::{EventsConfig, EventsKind};
 pub use crate::ingest::auth::AuthConfig;
 pub use crate::ingest::binary::config::{BinaryConfig, BINARY_DEV_SECRET};
 pub use crate::ingest::config::IngestConfig;
@@ -69,6 +71,7 @@ pub struct Config {
     pub wal: WalConfig,
     pub flush: FlushConfig,
     pub store: StoreConfig,
+    pub events: EventsConfig,
     pub faults: FaultsConfig,
 }
 
@@ -195,6 +198,7 @@ impl Config {
         self.wal.validate()?;
         self.flush.validate()?;
         self.store.validate()?;
+        self.events.validate()?;
         self.faults.validate()
     }
 

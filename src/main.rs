@@ -12,9 +12,11 @@ use mimalloc::MiMalloc;
 
 use playhead::config::{Config, StoreKind};
 use playhead::engine::Engine;
+use playhead::events::Publisher;
 use playhead::ingest::auth::{self, Verifier};
 use playhead::ingest::http::{self, AppState};
 use playhead::ingest::{binary, Ingest};
+use playhead::model::Clock;
 use playhead::resume::catalog::Catalog;
 use playhead::store::{cassandra, CassandraStore, EmbeddedStore, FaultyStore, Store};
 
@@ -186,7 +188,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None
     };
 
-    let (engine, _) = Engine::open(config.clone(), store)
+    let events =
+        Publisher::from_config(&config.events, catalog.clone(), config.api.completed_ratio)
+            .await
+            .context("starting the change stream (events)")?;
+    if let Some(events) = &events {
+        tracing::info!(
+            sink = events.sink_name(),
+            url = %config.events.url,
+            stream = %config.events.stream,
+            "change stream on: every flushed row is published"
+        );
+    }
+    let (engine, _) = Engine::open_with(config.clone(), store, Clock::System, events)
         .with_context(|| format!("opening the commit log in {}", config.wal_dir().display()))?;
     let background = engine
         .spawn_background()

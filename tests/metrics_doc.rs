@@ -36,6 +36,16 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// condition under which it does. Each must be documented, must not be served here (or it
 /// belongs off this list), and must be named as a string literal somewhere under `src/`.
 const ONLY_UNDER_CONDITIONS: &[(&str, &str)] = &[
+    // The change stream's (tests/events.rs compares them with a server that has it on).
+    ("playhead_events_published_total", "events.kind = nats"),
+    ("playhead_events_failed_total", "events.kind = nats"),
+    ("playhead_events_pending", "events.kind = nats"),
+    ("playhead_events_lag_seconds", "events.kind = nats"),
+    ("playhead_events_connected", "events.kind = nats"),
+    (
+        "playhead_events_publish_duration_seconds",
+        "events.kind = nats",
+    ),
     // The Cassandra store renders these (tests/store_conformance.rs and the Cassandra
     // tests see them against a real node); this server runs the embedded store.
     (

@@ -23,6 +23,7 @@ pub mod flusher;
 pub mod wal;
 
 use crate::config::{Config, SyncMode};
+use crate::events::Publisher;
 use crate::model::{self, Key, Record, Value};
 use crate::store::{Store, StoreError, TitleEntry, WriteHealth};
 use crate::telemetry::metrics::{
@@ -233,6 +234,9 @@ pub struct Shared {
     flush_requested: tokio::sync::Notify,
     /// Wall-clock time for heartbeat stamps ([`Engine::now_ms`]).
     clock: model::Clock,
+    /// The change stream, when `[events]` is on: each cycle publishes its rows through it
+    /// after the store sync and before they count as stored ([`flusher`]).
+    events: Option<Arc<Publisher>>,
 }
 
 /// The engine handle: cheap to clone, shared by every server task.
@@ -282,6 +286,17 @@ impl Engine {
         store: Arc<dyn Store>,
         clock: model::Clock,
     ) -> std::io::Result<(Self, OpenReport)> {
+        Self::open_with(config, store, clock, None)
+    }
+
+    /// [`Engine::open_with_clock`] with the change stream `events` (`None`: off), which
+    /// every flush cycle publishes its rows to before they count as stored.
+    pub fn open_with(
+        config: Config,
+        store: Arc<dyn Store>,
+        clock: model::Clock,
+        events: Option<Publisher>,
+    ) -> std::io::Result<(Self, OpenReport)> {
         let coalescer = Coalescer::new(config.coalescer.shards, config.coalescer.max_keys)
             .with_max_titles_per_profile(config.coalescer.max_titles_per_profile);
         let opts = WalOptions {
@@ -327,6 +342,7 @@ impl Engine {
             shutdown,
             flush_requested: tokio::sync::Notify::new(),
             clock,
+            events: events.map(Arc::new),
         });
         Ok((
             Self { shared },
@@ -404,9 +420,17 @@ impl Engine {
         self.shared.store.write_health()
     }
 
+    /// The change stream's publisher, when `[events]` is on (its health for `/readyz`).
+    pub fn events(&self) -> Option<&Publisher> {
+        self.shared.events.as_deref()
+    }
+
     /// Registers the metrics of the engine's parts (docs/metrics.md): the coalescer's, the
-    /// flusher's, the reads', the log's and the store's.
+    /// flusher's, the reads', the log's, the store's and, when on, the change stream's.
     pub fn register_metrics(&self, registry: &mut Registry) {
+        if let Some(events) = &self.shared.events {
+            events.register_metrics(registry);
+        }
         let shared = Arc::clone(&self.shared);
         metrics::register(registry, "coalescer", move |e| {
             let coalescer = &shared.coalescer;

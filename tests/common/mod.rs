@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod process;
 
 use std::net::SocketAddr;

@@ -132,6 +132,8 @@ pub struct FlushReport {
     pub segment: u64,
     /// Segments up to this one are now dropped (`None`: none could be).
     pub dropped_through: Option<u64>,
+    /// Events the change stream acknowledged (one per row when `[events]` is on, else 0).
+    pub published: usize,
 }
 
 /// Which keys a cycle writes.
@@ -281,9 +283,15 @@ async fn cycle(
         segment,
         ..FlushReport::default()
     };
-    match write_picked(shared, &picked.records, give, &mut report).await {
+    let mut stored = write_picked(shared, &picked.records, give, &mut report).await;
+    let written_in = started.elapsed();
+    if stored.is_ok() {
+        // Published after the sync and before the keys count as stored (and the log may
+        // drop them): a crash in between replays them, and the next flush publishes again.
+        stored = publish_picked(shared, &picked.records, give, &mut report).await;
+    }
+    match stored {
         Ok(()) => {
-            let written_in = started.elapsed();
             shared.coalescer.mark_stored(&picked);
             report.dropped_through = shared.epochs.lock().stored(&pick, &picked);
             if let Some(through) = report.dropped_through {
@@ -302,6 +310,7 @@ async fn cycle(
                     batches = report.batches,
                     pick_ms = picked_in.as_millis() as u64,
                     write_ms = (written_in - picked_in).as_millis() as u64,
+                    published = report.published,
                     ms = report.duration.as_millis() as u64,
                     "flushed"
                 );
@@ -379,6 +388,46 @@ async fn write_picked(
     Ok(())
 }
 
+/// Publishes the cycle's rows, already synced to the store, to the change stream (when
+/// `[events]` is on): in rounds of `events.max_in_flight`, each published again after a
+/// backoff until the stream acknowledges it — for as long as the store's writes are
+/// retried ([`Give`]). Until it returns the rows stay dirty, so the log keeps them.
+async fn publish_picked(
+    shared: &Shared,
+    picked: &[Record],
+    give: Give,
+    report: &mut FlushReport,
+) -> Result<(), FlushError> {
+    let Some(events) = shared.events.as_deref() else {
+        return Ok(());
+    };
+    if picked.is_empty() {
+        return Ok(());
+    }
+    events.stored(picked.len());
+    let mut retry = Retry::new(shared, give);
+    let outcome = async {
+        for round in picked.chunks(events.max_in_flight()) {
+            loop {
+                let budget = retry.budget();
+                match events.publish_round(round, budget).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        retry
+                            .pause(round.len(), "event publish", &e.to_string())
+                            .await?
+                    }
+                }
+            }
+            report.published += round.len();
+        }
+        Ok(())
+    }
+    .await;
+    events.cycle_ended();
+    outcome
+}
+
 /// One store call of a flush cycle.
 enum StoreOp {
     /// Apply one batch.
@@ -404,59 +453,96 @@ fn with_retry(
     give: Give,
 ) -> impl std::future::Future<Output = Result<usize, FlushError>> + Send + 'static {
     let store = Arc::clone(&shared.store);
-    let cfg = &shared.config.flush;
-    let mut backoff = Backoff::new(cfg.retry_initial_ms, cfg.retry_max_ms);
-    let mut shutdown = shared.shutdown.subscribe();
+    let mut retry = Retry::new(shared, give);
     let failed_attempts = Arc::clone(&shared.stats.flush_errors);
     let retried_attempts = Arc::clone(&shared.stats.flush_retries);
     async move {
-        let mut retries = 0;
         loop {
             let outcome = match &op {
                 StoreOp::Write(batch) => store.write_batch(batch).await,
                 StoreOp::Sync { .. } => store.sync().await,
             };
             let error: StoreError = match outcome {
-                Ok(()) => return Ok(retries),
+                Ok(()) => return Ok(retry.retries),
                 Err(e) => e,
             };
             failed_attempts.fetch_add(1, Ordering::Relaxed);
-            let delay = backoff.next_delay();
-            if retries == 0 || retries % 20 == 0 {
-                let what = match op {
-                    StoreOp::Write(_) => "store write",
-                    StoreOp::Sync { .. } => "store sync",
-                };
-                tracing::warn!(
-                    rows = op.rows(),
-                    retries,
-                    next_retry_ms = delay.as_millis() as u64,
-                    "{what} failed: {error}"
-                );
-            }
-            retries += 1;
+            let what = match op {
+                StoreOp::Write(_) => "store write",
+                StoreOp::Sync { .. } => "store sync",
+            };
+            retry.pause(op.rows(), what, &error.to_string()).await?;
             retried_attempts.fetch_add(1, Ordering::Relaxed);
-            match give {
-                Give::UpAt(deadline) => {
-                    if tokio::time::Instant::now() + delay > deadline {
-                        return Err(FlushError::Deadline {
-                            rows: op.rows(),
-                            last_error: error.to_string(),
-                        });
-                    }
-                    tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// The retrying of one step of a cycle (a store write or sync, a round of events): the
+/// backoff between attempts, and when to give up ([`Give`]).
+struct Retry {
+    backoff: Backoff,
+    give: Give,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Attempts retried so far.
+    retries: usize,
+}
+
+impl Retry {
+    fn new(shared: &Shared, give: Give) -> Self {
+        let cfg = &shared.config.flush;
+        Self {
+            backoff: Backoff::new(cfg.retry_initial_ms, cfg.retry_max_ms),
+            give,
+            shutdown: shared.shutdown.subscribe(),
+            retries: 0,
+        }
+    }
+
+    /// The time left before the deadline, if the step has one.
+    fn budget(&self) -> Option<Duration> {
+        match self.give {
+            Give::UpOnShutdown => None,
+            Give::UpAt(deadline) => {
+                Some(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            }
+        }
+    }
+
+    /// After a failed attempt of `what` (for `rows` rows): logs it (the first and every
+    /// 20th time), waits the next backoff delay and returns, or says why not to try again —
+    /// the deadline would pass first, or shutdown was signalled.
+    async fn pause(&mut self, rows: usize, what: &str, error: &str) -> Result<(), FlushError> {
+        let delay = self.backoff.next_delay();
+        if self.retries.is_multiple_of(20) {
+            tracing::warn!(
+                rows,
+                retries = self.retries,
+                next_retry_ms = delay.as_millis() as u64,
+                "{what} failed: {error}"
+            );
+        }
+        self.retries += 1;
+        match self.give {
+            Give::UpAt(deadline) => {
+                if tokio::time::Instant::now() + delay > deadline {
+                    return Err(FlushError::Deadline {
+                        rows,
+                        last_error: error.to_string(),
+                    });
                 }
-                Give::UpOnShutdown => {
-                    if *shutdown.borrow() {
-                        return Err(FlushError::Shutdown);
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => return Err(FlushError::Shutdown),
-                    }
+                tokio::time::sleep(delay).await;
+            }
+            Give::UpOnShutdown => {
+                if *self.shutdown.borrow() {
+                    return Err(FlushError::Shutdown);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.shutdown.changed() => return Err(FlushError::Shutdown),
                 }
             }
         }
+        Ok(())
     }
 }
 

@@ -318,7 +318,9 @@ fn healthz() -> Response {
 /// the service keeps serving from memory and answers position 0 otherwise). Flushing that
 /// fails (the latest cycle failed: a flush task panicked) is `degraded` too, with
 /// `"flush": "failing: …"`: heartbeats are still acknowledged into the log, but nothing
-/// reaches the store.
+/// reaches the store. With the change stream on, `"events"` says `ok`, or why the stream
+/// takes no events (`failing: …`, `nats client not connected`), which is `degraded` too:
+/// flushes wait for the stream (docs/events.md).
 async fn readyz(state: &AppState) -> Response {
     let engine = state.ingest.engine();
     if let Some(reason) = engine.log_failing() {
@@ -344,15 +346,19 @@ async fn readyz(state: &AppState) -> Response {
         Ok(()) => ("ready", "reachable".to_string()),
         Err(why) => ("degraded", why),
     };
-    let status = if flush_failing.is_some() {
+    // The change stream, when on: while it takes no events, flushes wait for it (the
+    // service goes on from memory and the log), so `degraded` too.
+    let events = engine.events().map(|e| e.health());
+    let status = if flush_failing.is_some() || matches!(events, Some(Err(_))) {
         "degraded"
     } else {
         status
     };
-    json_response(
-        StatusCode::OK,
-        serde_json::json!({"status": status, "wal": "replayed", "store": store, "flush": flush, "store_kind": engine.store_name()}),
-    )
+    let mut body = serde_json::json!({"status": status, "wal": "replayed", "store": store, "flush": flush, "store_kind": engine.store_name()});
+    if let Some(events) = events {
+        body["events"] = events.err().unwrap_or_else(|| "ok".into()).into();
+    }
+    json_response(StatusCode::OK, body)
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
