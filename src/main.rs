@@ -188,10 +188,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None
     };
 
-    let events =
-        Publisher::from_config(&config.events, catalog.clone(), config.api.completed_ratio)
-            .await
-            .context("starting the change stream (events)")?;
+    let (events, _events_client) = Publisher::from_config(
+        &config.events,
+        catalog.clone(),
+        config.api.completed_ratio,
+        config.server.background_nice,
+    )
+    .await
+    .context("starting the change stream (events)")?
+    .unzip();
     if let Some(events) = &events {
         tracing::info!(
             sink = events.sink_name(),

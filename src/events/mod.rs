@@ -181,6 +181,68 @@ pub struct Publisher {
     failing: parking_lot::Mutex<Option<String>>,
 }
 
+/// The thread a sink's client runs its tasks on: a current-thread runtime that lives until
+/// this is dropped.
+pub struct ClientThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ClientThread {
+    /// Runs `connect` on a new thread's runtime and keeps that runtime (and so every task
+    /// the client spawned on it) running after it returns.
+    async fn start<T, F>(nice: i32, connect: F) -> Result<(T, Self), EventError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, EventError>> + Send + 'static,
+    {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (done, connected) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("playhead-events".into())
+            .spawn(move || {
+                crate::telemetry::priority::lower_current_thread(nice);
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = done.send(Err(EventError::Publish(format!(
+                            "starting the event client's runtime: {e}"
+                        ))));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let _ = done.send(connect.await);
+                    // Dropped or sent: either way the client's tasks end with the runtime.
+                    let _ = stopped.await;
+                });
+            })
+            .map_err(|e| EventError::Publish(format!("starting the event client's thread: {e}")))?;
+        let thread = Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        };
+        let sink = connected
+            .await
+            .map_err(|_| EventError::Publish("the event client's thread ended".into()))??;
+        Ok((sink, thread))
+    }
+}
+
+impl Drop for ClientThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 impl Publisher {
     pub fn new(
         sink: Arc<dyn EventSink>,
@@ -204,16 +266,29 @@ impl Publisher {
 
     /// Connects the configured sink (without waiting for the server: a NATS that is down
     /// is retried in the background) and returns its publisher; `None` when events are off.
+    ///
+    /// The client's own tasks (its connection, reading acknowledgements, reconnecting) run
+    /// on a thread of their own, `playhead-events`, at the background priority (`nice`
+    /// levels lower, [`crate::telemetry::priority`]), not on the request path's runtime:
+    /// the stream's work then never queues ahead of a heartbeat's acknowledgement. The
+    /// thread ends when the returned [`ClientThread`] is dropped.
     pub async fn from_config(
         config: &EventsConfig,
         catalog: Catalog,
         completed_ratio: f64,
-    ) -> Result<Option<Self>, EventError> {
-        let sink: Arc<dyn EventSink> = match config.kind {
+        nice: i32,
+    ) -> Result<Option<(Self, ClientThread)>, EventError> {
+        let (sink, thread): (Arc<dyn EventSink>, ClientThread) = match config.kind {
             EventsKind::None => return Ok(None),
-            EventsKind::Nats => Arc::new(nats::NatsSink::connect(config).await?),
+            EventsKind::Nats => {
+                let config = config.clone();
+                let (sink, thread) =
+                    ClientThread::start(nice, async move { nats::NatsSink::connect(&config).await })
+                        .await?;
+                (Arc::new(sink), thread)
+            }
         };
-        Ok(Some(Self::new(sink, config, catalog, completed_ratio)))
+        Ok(Some((Self::new(sink, config, catalog, completed_ratio), thread)))
     }
 
     pub fn sink_name(&self) -> &'static str {
