@@ -875,6 +875,56 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
+    /// Both row formats read: a 16-byte row (every row before alternatives, and every row
+    /// without one) and a 32-byte row with its alternative; other lengths are malformed.
+    #[test]
+    fn rows_of_either_format_decode() {
+        let value = Value::new(8, 9_000, 2);
+        let phone = Value::new(2_843, 1_000, 1);
+        let plain = encode_row(&Summary::single(value));
+        assert_eq!(
+            plain,
+            value.to_bytes().to_vec(),
+            "the format before alternatives"
+        );
+        assert_eq!(decode_row(&plain), Some(Summary::single(value)));
+        let with = encode_row(&Summary {
+            value,
+            alternative: Some(phone),
+        });
+        assert_eq!(with.len(), ROW_WITH_ALTERNATIVE_BYTES);
+        assert_eq!(decode_row(&with).unwrap().alternative, Some(phone));
+        assert_eq!(decode_row(&with[..20]), None);
+    }
+
+    /// The store's merge: the phone's stored row was superseded by a TV row that carries
+    /// no alternative (memory never saw the phone): the stored phone value becomes the
+    /// row's alternative, in both read paths.
+    #[tokio::test]
+    async fn a_row_of_another_device_keeps_the_stored_value_as_its_alternative() {
+        for reads in [LwwReads::Point, LwwReads::MergeJoin] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = EmbeddedStore::open_with_reads(dir.path(), 1 << 20, reads).unwrap();
+            let key = Key::new(1, 1, 1);
+            let phone = Value::new(2_843, 1_000, 1);
+            store.write_batch(&[Record::new(key, phone)]).await.unwrap();
+            let tv = Value::new(8, 9_000, 2);
+            store.write_batch(&[Record::new(key, tv)]).await.unwrap();
+            let row = store.get_row(key).await.unwrap().unwrap();
+            assert_eq!((row.value, row.alternative), (tv, Some(phone)), "{reads:?}");
+            // The TV's own next heartbeat keeps it; a stale phone write changes nothing.
+            let tv_12 = Value::new(12, 13_000, 2);
+            store.write_batch(&[Record::new(key, tv_12)]).await.unwrap();
+            store.write_batch(&[Record::new(key, phone)]).await.unwrap();
+            let row = store.get_row(key).await.unwrap().unwrap();
+            assert_eq!(
+                (row.value, row.alternative),
+                (tv_12, Some(phone)),
+                "{reads:?}"
+            );
+        }
+    }
+
     /// One fjall worker with the writer sealing memtables ([`FJALL_WORKERS`]): writes worth
     /// many memtables (~960 k rows: 18 tables, level 0 compacted away when this was
     /// written) are sealed, flushed into tables and read back. Without
