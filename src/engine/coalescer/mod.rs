@@ -621,6 +621,9 @@ impl Coalescer {
                     }
                     Upsert::Superseded
                 } else {
+                    if record.value.device_id != was.value.device_id {
+                        self.another_device_was_late(&mut shard.alts, record, was.value);
+                    }
                     Upsert::Stale
                 }
             }
@@ -670,6 +673,30 @@ impl Coalescer {
             alts.remove(&record.key);
         } else {
             alts.set(record.key, was);
+        }
+    }
+
+    /// `record` of another device arrived after `current`, a newer value: it is the key's
+    /// alternative if it is newer than the one kept (the same [`merge`] as a supersede,
+    /// so the alternative does not depend on arrival order). Kept in memory only: the key
+    /// is not dirtied, so it reaches the store with the key's next write.
+    ///
+    /// [`merge`]: crate::resume::alternative::merge
+    #[cold]
+    fn another_device_was_late(&self, alts: &mut Alternatives, record: &Record, current: Value) {
+        let late = record.value;
+        let too_old = late
+            .updated_at_ms
+            .saturating_add(self.alternative_window_ms)
+            < current.updated_at_ms;
+        if current.is_tombstone() || too_old {
+            return;
+        }
+        if alts
+            .get(&record.key)
+            .is_none_or(|kept| late.supersedes(&kept))
+        {
+            alts.set(record.key, late);
         }
     }
 
@@ -1231,11 +1258,23 @@ mod tests {
         assert_eq!(summary.alternative, Some(phone));
         assert_eq!(c.get_summary(&Key::new(1, 1, 6)).unwrap().alternative, None);
         assert_eq!(c.stats().alternatives, 1);
+        // Arrival order does not matter: the TV's writes first, the phone's late one after.
+        let other = Key::new(1, 1, 7);
+        c.upsert(&Record::new(other, Value::new(4, 6_000, 2)))
+            .unwrap();
+        assert_eq!(c.upsert(&Record::new(other, phone)), Ok(Upsert::Stale));
+        assert_eq!(c.get_summary(&other).unwrap().alternative, Some(phone));
+        // An older late one changes nothing.
+        c.upsert(&Record::new(other, Value::new(1, 500, 3)))
+            .unwrap();
+        assert_eq!(c.get_summary(&other).unwrap().alternative, Some(phone));
+        c.upsert(&Record::new(other, Value::tombstone(7_000)))
+            .unwrap();
         let e = c.advance_epoch();
         let picked = c.pick(&idle_only(e));
         assert_eq!(picked.alternatives, vec![(key, phone)]);
         let rows: Vec<StoredRow> = picked.rows().collect();
-        assert_eq!(rows.len(), 2);
+        assert_eq!(rows.len(), 3);
         assert!(rows
             .iter()
             .all(|r| r.alternative == (r.key == key).then_some(phone)));
