@@ -255,7 +255,10 @@ fn on_cassandra_an_old_table_is_migrated_and_the_alternative_survives_a_restart(
         ("STORE__CASSANDRA__CONTACT_POINTS", format!("[\"{node}\"]")),
         ("STORE__CASSANDRA__KEYSPACE", keyspace.clone()),
         ("STORE__CASSANDRA__CREATE_SCHEMA", "true".to_string()),
-        ("STORE__CASSANDRA__REPLICATION", "SimpleStrategy".to_string()),
+        (
+            "STORE__CASSANDRA__REPLICATION",
+            "SimpleStrategy".to_string(),
+        ),
         ("STORE__CASSANDRA__REPLICATION_FACTOR", "1".to_string()),
         ("STORE__READ_TIMEOUT_MS", "2000".to_string()),
     ];
