@@ -72,7 +72,7 @@ proc_cpu() {
 metrics() { curl -s "127.0.0.1:$HTTP_PORT/metrics"; }
 
 sample() {
-  # keys held, flush rows, wal written bytes, RSS kB
+  # keys held, flush rows, wal written bytes, alternatives held (0 for builds without them)
   metrics | python3 -c '
 import sys
 m = {}
@@ -81,7 +81,8 @@ for line in sys.stdin:
     name, value = line.rsplit(" ", 1)
     m[name] = float(value)
 keys = sum(v for k, v in m.items() if k.startswith("playhead_coalescer_keys{") and "flushing" not in k)
-print(int(keys), int(m.get("playhead_flush_rows_total", 0)), int(m.get("playhead_wal_written_bytes_total", 0)))'
+print(int(keys), int(m.get("playhead_flush_rows_total", 0)), int(m.get("playhead_wal_written_bytes_total", 0)),
+      int(m.get("playhead_coalescer_alternatives", 0)))'
 }
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
@@ -139,6 +140,7 @@ print(json.dumps({
     "acked_per_sec": round(r["acked_per_sec"]), "busy": r["busy"],
     "p50_ms": r["latency"]["p50"], "p99_ms": r["latency"]["p99"], "samples": r["latency"]["samples"],
     "keys_start": s0[0], "keys_mid": q2[0], "keys_q1": q1[0], "keys_end": s1[0],
+    "alternatives_end": s1[3],
     "store_rows_per_sec": round((s1[1] - s0[1]) / secs), "log_mb_per_sec": round((s1[2] - s0[2]) / secs / 1e6, 1),
     "rss_mb": round(int(rss) / 1024), "rss_bytes_per_key": round(int(rss) * 1024 / max(s1[0], 1), 1),
     "server_cpu_s": cpu, "server_cpu_total_s": round(sum(cpu.values()), 1),

@@ -343,6 +343,17 @@ mod tests {
         );
         let c = Config::load(None, env(&[("PLAYHEAD_SERVER__BACKGROUND_NICE", "0")])).unwrap();
         assert_eq!(c.server.background_nice, 0);
+        let err = Config::load(None, env(&[("PLAYHEAD_API__ALTERNATIVE_WINDOW_MS", "0")]))
+            .expect_err("must fail")
+            .to_string();
+        assert_eq!(
+            err,
+            "configuration key `api.alternative_window_ms` has value `0`, expected between 1 and 2592000000 (30 days)"
+        );
+        let err = Config::load(None, env(&[("PLAYHEAD_COALESCER__MAX_ALTERNATIVES", "0")]))
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("coalescer.max_alternatives"), "{err}");
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod wal;
 use crate::config::{Config, SyncMode};
 use crate::events::Publisher;
 use crate::model::{self, Key, Record, Value};
+use crate::resume::alternative;
 use crate::store::{Store, StoreError, TitleEntry, WriteHealth};
 use crate::telemetry::metrics::{
     self, counter, counters, gauge, load, DescriptorEncoder, Encoded, Registry,
@@ -102,6 +103,10 @@ pub enum ReadSource {
 pub struct ReadResult {
     pub value: Option<Value>,
     pub source: ReadSource,
+    /// `value`'s alternative: the newest value before it from another device, as memory
+    /// and the store know it merged ([`crate::resume::alternative`]); whether an answer
+    /// offers it is the resume rule's call ([`crate::resume::alternative::offer`]).
+    pub alternative: Option<Value>,
 }
 
 /// Engine-wide counters, read by metrics. Relaxed atomics bumped once per call or batch,
@@ -298,7 +303,12 @@ impl Engine {
         events: Option<Publisher>,
     ) -> std::io::Result<(Self, OpenReport)> {
         let coalescer = Coalescer::new(config.coalescer.shards, config.coalescer.max_keys)
-            .with_max_titles_per_profile(config.coalescer.max_titles_per_profile);
+            .with_max_titles_per_profile(config.coalescer.max_titles_per_profile)
+            .with_alternatives(
+                config.coalescer.max_alternatives,
+                config.api.alternative_window_ms,
+                clock.clone(),
+            );
         let opts = WalOptions {
             dir: config.wal_dir(),
             sync_mode: config.wal.sync_mode,
@@ -512,16 +522,24 @@ impl Engine {
     /// where the store's last-write-wins drops it; the merge hides it from reads meanwhile.
     pub async fn get(&self, key: Key) -> ReadResult {
         let shared = &self.shared;
-        let in_memory = shared.coalescer.get(&key);
+        let in_memory = shared.coalescer.get_summary(&key);
         let budget = Duration::from_millis(shared.config.store.read_timeout_ms);
-        let stored = match tokio::time::timeout(budget, shared.store.get(key)).await {
-            Ok(Ok(stored)) => Ok(stored),
+        let stored = match tokio::time::timeout(budget, shared.store.get_row(key)).await {
+            Ok(Ok(stored)) => Ok(stored.map(|row| row.summary())),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("timed out after {} ms", budget.as_millis())),
         };
-        let (value, source) = match (in_memory, stored) {
-            (Some(m), Ok(Some(s))) if !m.supersedes(&s) => (Some(s), ReadSource::Store),
-            (Some(m), Ok(_)) => (Some(m), ReadSource::Memory),
+        // The value by last-write-wins; the alternative from both parts of the history.
+        let (summary, source) = match (in_memory, stored) {
+            (Some(m), Ok(Some(s))) => {
+                let source = if m.value.supersedes(&s.value) {
+                    ReadSource::Memory
+                } else {
+                    ReadSource::Store
+                };
+                (Some(alternative::merge(m, s)), source)
+            }
+            (Some(m), Ok(None)) => (Some(m), ReadSource::Memory),
             (None, Ok(s)) => (s, ReadSource::Store),
             (Some(m), Err(why)) => {
                 tracing::debug!("store read failed ({why}); answering from memory");
@@ -534,9 +552,11 @@ impl Engine {
             _ => &shared.stats.reads_store,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        let visible = summary.filter(|s| !s.value.is_tombstone());
         ReadResult {
-            value: value.filter(|v| !v.is_tombstone()),
+            value: visible.map(|s| s.value),
             source,
+            alternative: visible.and_then(|s| s.alternative),
         }
     }
 
@@ -549,6 +569,7 @@ impl Engine {
         ReadResult {
             value: None,
             source: ReadSource::Degraded,
+            alternative: None,
         }
     }
 

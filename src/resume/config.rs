@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{check, ConfigError};
 
+/// Longest `api.alternative_window_ms`: alternatives are a recent conflict, and memory
+/// keeps them that long.
+pub const MAX_ALTERNATIVE_WINDOW_MS: u64 = 30 * 86_400_000;
+
 /// Business rules of the public API.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -23,6 +27,12 @@ pub struct ApiConfig {
     pub max_device_id_bytes: usize,
     /// Device names remembered for `last_device_id` answers (oldest forgotten first).
     pub max_device_names: usize,
+    /// A resume answer offers an alternative (docs/api.md) written at most this long ago;
+    /// memory keeps alternatives this long too.
+    pub alternative_window_ms: u64,
+    /// ... and at least this far from the answer's position
+    /// ([`crate::resume::alternative::distance_seconds`]).
+    pub alternative_min_distance_seconds: u32,
 }
 
 impl Default for ApiConfig {
@@ -34,6 +44,8 @@ impl Default for ApiConfig {
             continue_watching_limit: 20,
             max_device_id_bytes: 64,
             max_device_names: 1_000_000,
+            alternative_window_ms: crate::engine::coalescer::DEFAULT_ALTERNATIVE_WINDOW_MS,
+            alternative_min_distance_seconds: 60,
         }
     }
 }
@@ -60,6 +72,20 @@ impl ApiConfig {
             (1..=256).contains(&a.max_device_id_bytes),
             "between 1 and 256",
         )?;
+        check(
+            "api.alternative_window_ms",
+            a.alternative_window_ms,
+            (1..=MAX_ALTERNATIVE_WINDOW_MS).contains(&a.alternative_window_ms),
+            "between 1 and 2592000000 (30 days)",
+        )?;
         Ok(())
+    }
+
+    /// The thresholds of [`crate::resume::alternative::offer`].
+    pub fn alternative_rule(&self) -> crate::resume::alternative::OfferRule {
+        crate::resume::alternative::OfferRule {
+            window_ms: self.alternative_window_ms,
+            min_distance_seconds: self.alternative_min_distance_seconds,
+        }
     }
 }

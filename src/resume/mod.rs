@@ -5,6 +5,7 @@
 //! a listener and never in the store, as plain functions over values and the [`catalog`]:
 //! the reads they need are handed in, so they are tested without sockets (or an engine).
 
+pub mod alternative;
 pub mod catalog;
 pub mod config;
 pub mod devices;
@@ -53,6 +54,16 @@ pub struct Resume<'a> {
     pub completed: bool,
     /// Set when the title asked for was a completed episode and `title` is the next one.
     pub next_episode_of: Option<&'a Title>,
+    /// `value`'s alternative ([`alternative`]), unless it is past `title`'s completion
+    /// threshold (a device that finished the film offers nothing to resume); whether the
+    /// answer offers it is [`alternative::offer`]'s call.
+    pub alternative: Option<Value>,
+}
+
+/// `read`'s alternative, unless it was watched to completion.
+fn unfinished_alternative(read: &ReadResult, title: &Title, completed_ratio: f64) -> Option<Value> {
+    read.alternative
+        .filter(|a| !is_completed(a.position_seconds, title, completed_ratio))
 }
 
 /// Resumes `requested` for one profile: its saved position, 0 when it was completed or
@@ -86,6 +97,7 @@ where
                 source: next_read.source,
                 completed: true,
                 next_episode_of: Some(requested),
+                alternative: unfinished_alternative(&next_read, next, completed_ratio),
             };
         }
     }
@@ -96,6 +108,7 @@ where
         source: first.source,
         completed,
         next_episode_of: None,
+        alternative: unfinished_alternative(&first, requested, completed_ratio),
     }
 }
 

@@ -52,6 +52,7 @@ fn answer(values: &HashMap<u64, Value>, reads: &Mutex<Vec<u64>>, key: Key) -> Re
     ReadResult {
         value: values.get(&key.title_id).copied(),
         source: ReadSource::Memory,
+        alternative: None,
     }
 }
 

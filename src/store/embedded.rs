@@ -2,8 +2,15 @@
 //!
 //! Row layout: key = [`Key::to_bytes`] (24 bytes, big-endian, so one profile's titles are
 //! one contiguous key range and listing is a prefix scan); value = [`Value::to_bytes`]
-//! (16 bytes). Tombstones are ordinary rows with the tombstone marker, so they take part in
-//! last-write-wins like any value and are removed only by retention.
+//! (16 bytes), followed, in a row that has one, by its alternative's [`Value::to_bytes`]
+//! (16 more: [`encode_row`]). The length is the row's format version: 16 bytes is a plain
+//! row — every row written before alternatives existed — and 32 one with an alternative,
+//! so old rows read unchanged. Tombstones are ordinary rows with the tombstone marker, so
+//! they take part in last-write-wins like any value and are removed only by retention.
+//!
+//! The read-compare-write below also merges alternatives exactly
+//! ([`crate::resume::alternative::merge`] of the stored row and the written one): a key
+//! that left memory still gets its alternative when another device writes it next.
 //!
 //! Last-write-wins needs read-compare-write. fjall has no conditional write (and no merge
 //! operator), so every write batch runs under one writer mutex: read the current rows, keep
@@ -34,8 +41,41 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-use super::{MostRecent, RecentTitles, Store, StoreError, TitleEntry, WriteHealth};
+use super::{MostRecent, RecentTitles, Store, StoreError, StoredRow, TitleEntry, WriteHealth};
 use crate::model::{Key, Record, Value};
+use crate::resume::alternative::{self, Summary};
+
+/// Bytes of a row without an alternative (the format before alternatives).
+pub const PLAIN_ROW_BYTES: usize = Value::ENCODED_BYTES;
+/// Bytes of a row with an alternative.
+pub const ROW_WITH_ALTERNATIVE_BYTES: usize = 2 * Value::ENCODED_BYTES;
+
+/// A row's stored bytes: the value, then the alternative when there is one.
+pub fn encode_row(summary: &Summary) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ROW_WITH_ALTERNATIVE_BYTES);
+    out.extend_from_slice(&summary.value.to_bytes());
+    if let Some(alternative) = summary.alternative {
+        out.extend_from_slice(&alternative.to_bytes());
+    }
+    out
+}
+
+/// Inverse of [`encode_row`] for either format; `None` for any other length.
+pub fn decode_row(bytes: &[u8]) -> Option<Summary> {
+    match bytes.len() {
+        PLAIN_ROW_BYTES => Some(Summary::single(Value::from_bytes(bytes)?)),
+        ROW_WITH_ALTERNATIVE_BYTES => Some(Summary {
+            value: Value::from_bytes(&bytes[..PLAIN_ROW_BYTES])?,
+            alternative: Some(Value::from_bytes(&bytes[PLAIN_ROW_BYTES..])?),
+        }),
+        _ => None,
+    }
+}
+
+/// The value of a row of either format.
+fn decode_value(bytes: &[u8]) -> Option<Value> {
+    decode_row(bytes).map(|s| s.value)
+}
 use crate::telemetry::metrics::{counters, gauge, DescriptorEncoder, Encoded};
 
 /// The embedded fjall store.
@@ -123,7 +163,7 @@ pub enum LwwReads {
 }
 
 /// Rows applied since the last successful sync that the store keeps to apply again after a
-/// reopen (see [`Writer::unsynced`]): 16 M rows, 640 MiB at 40 bytes a row, the shipped
+/// reopen (see [`Writer::unsynced`]): 16 M rows, 1 GiB at 64 bytes a row, the shipped
 /// `coalescer.max_keys`, so a flush cycle (at most every key in memory, synced once) always
 /// fits. Past it the rows are dropped, and a reopen that would need them refuses to sync
 /// (the commit log still holds them; a restart replays it).
@@ -193,7 +233,7 @@ struct Writer {
     /// only retries the *sync*, and must not be told they are durable. A reopen applies
     /// them again (last-write-wins makes that idempotent). Freed by every successful sync:
     /// it holds at most one flush cycle's rows, which the flusher holds in memory anyway.
-    unsynced: Vec<Vec<Record>>,
+    unsynced: Vec<Vec<StoredRow>>,
     unsynced_rows: usize,
     /// More than [`UNSYNCED_MAX_ROWS`] were applied without a sync and `unsynced` was
     /// dropped: a reopen can no longer restore them, so syncs fail until a restart.
@@ -344,7 +384,7 @@ impl Inner {
 
     /// Applies `records` (sorted by key, distinct keys) with last-write-wins, reopening the
     /// database first if an earlier write failed; remembers them until the next sync.
-    fn write(&self, records: Vec<Record>) -> Result<(), StoreError> {
+    fn write(&self, records: Vec<StoredRow>) -> Result<(), StoreError> {
         let mut writer = self.writer.lock();
         self.reopen_if_needed(&mut writer)?;
         let fjall = self.handles()?;
@@ -472,7 +512,7 @@ fn drain_and_close(mut failed: Arc<Fjall>) {
 }
 
 impl Writer {
-    fn remember(&mut self, records: Vec<Record>, gauge: &AtomicU64) {
+    fn remember(&mut self, records: Vec<StoredRow>, gauge: &AtomicU64) {
         if self.unsynced_dropped {
             return;
         }
@@ -501,6 +541,10 @@ impl Writer {
 
 impl Fjall {
     fn read(&self, key: &Key) -> Result<Option<Value>, StoreError> {
+        Ok(self.read_row(key)?.map(|s| s.value))
+    }
+
+    fn read_row(&self, key: &Key) -> Result<Option<Summary>, StoreError> {
         let Some(bytes) = self
             .positions
             .get(key.to_bytes())
@@ -508,21 +552,18 @@ impl Fjall {
         else {
             return Ok(None);
         };
-        Value::from_bytes(&bytes)
-            .map(Some)
-            .ok_or(StoreError::Corrupt {
-                key: Some(*key),
-                detail: format!(
-                    "value is {} bytes, expected {}",
-                    bytes.len(),
-                    Value::ENCODED_BYTES
-                ),
-            })
+        decode_row(&bytes).map(Some).ok_or(StoreError::Corrupt {
+            key: Some(*key),
+            detail: format!(
+                "row is {} bytes, expected {PLAIN_ROW_BYTES} or {ROW_WITH_ALTERNATIVE_BYTES}",
+                bytes.len(),
+            ),
+        })
     }
 
     /// Writes `records` (sorted by key, distinct keys) with last-write-wins. The caller
     /// holds the writer lock.
-    fn write(&self, records: &[Record], reads: LwwReads) -> Result<(), StoreError> {
+    fn write(&self, records: &[StoredRow], reads: LwwReads) -> Result<(), StoreError> {
         debug_assert!(records.windows(2).all(|w| w[0].key < w[1].key));
         // No fsync here: `sync` makes the cycle's batches durable at once. A journal sealed
         // meanwhile (the memtable rotated) was fsynced by fjall when it was sealed.
@@ -536,7 +577,7 @@ impl Fjall {
                 LwwReads::MergeJoin => self.merge_run(run, usize::MAX, &mut batch)?,
             };
             for record in &run[merged..] {
-                let current = match self.read(&record.key) {
+                let current = match self.read_row(&record.key) {
                     Ok(current) => current,
                     // A malformed row carries no version to respect; a valid value replaces it.
                     Err(StoreError::Corrupt { .. }) => None,
@@ -574,14 +615,20 @@ impl Fjall {
         Ok(())
     }
 
-    /// Stages `record` into `batch` when it supersedes `current` (or there is none).
-    fn stage(&self, record: &Record, current: Option<&Value>, batch: &mut fjall::OwnedWriteBatch) {
-        if current.is_none_or(|current| record.value.supersedes(current)) {
-            batch.insert(
-                &self.positions,
-                record.key.to_bytes(),
-                record.value.to_bytes(),
-            );
+    /// Stages `record` merged with `current` into `batch` when that changes the row: its
+    /// value supersedes the stored one, or it tells of a newer alternative.
+    fn stage(
+        &self,
+        record: &StoredRow,
+        current: Option<&Summary>,
+        batch: &mut fjall::OwnedWriteBatch,
+    ) {
+        let merged = match current {
+            Some(current) => alternative::merge(*current, record.summary()),
+            None => record.summary(),
+        };
+        if current != Some(&merged) {
+            batch.insert(&self.positions, record.key.to_bytes(), encode_row(&merged));
         }
     }
 
@@ -591,7 +638,7 @@ impl Fjall {
     /// need point reads).
     fn merge_run(
         &self,
-        run: &[Record],
+        run: &[StoredRow],
         max_extra_rows: usize,
         batch: &mut fjall::OwnedWriteBatch,
     ) -> Result<usize, StoreError> {
@@ -634,7 +681,7 @@ impl Fjall {
             let current = row
                 .take_if(|(row_key, _)| row_key.as_ref() == key.as_slice())
                 // A malformed row carries no version to respect; a valid value replaces it.
-                .and_then(|(_, value)| Value::from_bytes(&value));
+                .and_then(|(_, value)| decode_row(&value));
             self.stage(record, current.as_ref(), batch);
         }
         Ok(run.len())
@@ -655,7 +702,7 @@ impl Fjall {
                     Key::ENCODED_BYTES
                 ),
             })?;
-            let Some(value) = Value::from_bytes(&value) else {
+            let Some(value) = decode_value(&value) else {
                 // Skip one malformed row rather than hide the whole profile.
                 tracing::warn!(?key, "skipping a malformed row in the embedded store");
                 continue;
@@ -690,7 +737,7 @@ impl Fjall {
                 .into_inner()
                 .map_err(|e| io_error("scanning for retention", e))?;
             scanned += 1;
-            if Value::from_bytes(&value).is_none_or(|v| v.updated_at_ms < cutoff_ms) {
+            if decode_value(&value).is_none_or(|v| v.updated_at_ms < cutoff_ms) {
                 candidates.push(key.clone());
             }
             last_key = Some(key);
@@ -712,7 +759,7 @@ impl Fjall {
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
         for key in candidates {
             let still_old = match self.positions.get(&key) {
-                Ok(Some(v)) => Value::from_bytes(&v).is_none_or(|v| v.updated_at_ms < cutoff_ms),
+                Ok(Some(v)) => decode_value(&v).is_none_or(|v| v.updated_at_ms < cutoff_ms),
                 Ok(None) => false,
                 Err(e) => return Err(io_error("re-reading a purge candidate", e)),
             };
@@ -744,6 +791,12 @@ impl Store for EmbeddedStore {
     }
 
     async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError> {
+        let rows: Vec<StoredRow> = records.iter().copied().map(StoredRow::plain).collect();
+        self.write_rows(&rows).await
+    }
+
+    /// Merges each row's alternative with the stored one exactly (module docs).
+    async fn write_rows(&self, records: &[StoredRow]) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
@@ -768,6 +821,17 @@ impl Store for EmbeddedStore {
     async fn get(&self, key: Key) -> Result<Option<Value>, StoreError> {
         self.blocking_read(move |inner| inner.handles()?.read(&key))
             .await
+    }
+
+    async fn get_row(&self, key: Key) -> Result<Option<StoredRow>, StoreError> {
+        let row = self
+            .blocking_read(move |inner| inner.handles()?.read_row(&key))
+            .await?;
+        Ok(row.map(|s| StoredRow {
+            key,
+            value: s.value,
+            alternative: s.alternative,
+        }))
     }
 
     async fn recent_titles(
@@ -811,6 +875,56 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
+    /// Both row formats read: a 16-byte row (every row before alternatives, and every row
+    /// without one) and a 32-byte row with its alternative; other lengths are malformed.
+    #[test]
+    fn rows_of_either_format_decode() {
+        let value = Value::new(8, 9_000, 2);
+        let phone = Value::new(2_843, 1_000, 1);
+        let plain = encode_row(&Summary::single(value));
+        assert_eq!(
+            plain,
+            value.to_bytes().to_vec(),
+            "the format before alternatives"
+        );
+        assert_eq!(decode_row(&plain), Some(Summary::single(value)));
+        let with = encode_row(&Summary {
+            value,
+            alternative: Some(phone),
+        });
+        assert_eq!(with.len(), ROW_WITH_ALTERNATIVE_BYTES);
+        assert_eq!(decode_row(&with).unwrap().alternative, Some(phone));
+        assert_eq!(decode_row(&with[..20]), None);
+    }
+
+    /// The store's merge: the phone's stored row was superseded by a TV row that carries
+    /// no alternative (memory never saw the phone): the stored phone value becomes the
+    /// row's alternative, in both read paths.
+    #[tokio::test]
+    async fn a_row_of_another_device_keeps_the_stored_value_as_its_alternative() {
+        for reads in [LwwReads::Point, LwwReads::MergeJoin] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = EmbeddedStore::open_with_reads(dir.path(), 1 << 20, reads).unwrap();
+            let key = Key::new(1, 1, 1);
+            let phone = Value::new(2_843, 1_000, 1);
+            store.write_batch(&[Record::new(key, phone)]).await.unwrap();
+            let tv = Value::new(8, 9_000, 2);
+            store.write_batch(&[Record::new(key, tv)]).await.unwrap();
+            let row = store.get_row(key).await.unwrap().unwrap();
+            assert_eq!((row.value, row.alternative), (tv, Some(phone)), "{reads:?}");
+            // The TV's own next heartbeat keeps it; a stale phone write changes nothing.
+            let tv_12 = Value::new(12, 13_000, 2);
+            store.write_batch(&[Record::new(key, tv_12)]).await.unwrap();
+            store.write_batch(&[Record::new(key, phone)]).await.unwrap();
+            let row = store.get_row(key).await.unwrap().unwrap();
+            assert_eq!(
+                (row.value, row.alternative),
+                (tv_12, Some(phone)),
+                "{reads:?}"
+            );
+        }
+    }
+
     /// One fjall worker with the writer sealing memtables ([`FJALL_WORKERS`]): writes worth
     /// many memtables (~960 k rows: 18 tables, level 0 compacted away when this was
     /// written) are sealed, flushed into tables and read back. Without
@@ -832,7 +946,10 @@ mod tests {
                 let records: Vec<Record> = (0..ROWS)
                     .map(|t| Record::new(Key::new(batch, 1, t), Value::new(t as u32, 1_000 + t, 1)))
                     .collect();
-                writer.inner.write(records).unwrap();
+                writer
+                    .inner
+                    .write(records.into_iter().map(StoredRow::plain).collect())
+                    .unwrap();
             }
             done_tx.send(()).unwrap();
         });

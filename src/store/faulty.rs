@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{RecentTitles, Store, StoreError, WriteHealth};
+use super::{RecentTitles, Store, StoreError, StoredRow, WriteHealth};
 use crate::config::{check, ConfigError};
 use crate::model::{Key, Record, Value};
 use crate::telemetry::metrics::{DescriptorEncoder, Encoded};
@@ -153,9 +153,19 @@ impl<S: Store> Store for FaultyStore<S> {
     }
 
     async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError> {
-        let written = self.write_batch_with_faults(records).await;
+        let rows: Vec<StoredRow> = records.iter().copied().map(StoredRow::plain).collect();
+        self.write_rows(&rows).await
+    }
+
+    async fn write_rows(&self, rows: &[StoredRow]) -> Result<(), StoreError> {
+        let written = self.write_batch_with_faults(rows).await;
         self.health.record_write(&written);
         written
+    }
+
+    async fn get_row(&self, key: Key) -> Result<Option<StoredRow>, StoreError> {
+        self.switch.before_read().await?;
+        self.inner.get_row(key).await
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
@@ -202,7 +212,7 @@ impl<S: Store> Store for FaultyStore<S> {
 }
 
 impl<S: Store> FaultyStore<S> {
-    async fn write_batch_with_faults(&self, records: &[Record]) -> Result<(), StoreError> {
+    async fn write_batch_with_faults(&self, records: &[StoredRow]) -> Result<(), StoreError> {
         self.switch.write_attempts.fetch_add(1, Ordering::SeqCst);
         let panic_asked = self
             .switch
@@ -214,7 +224,7 @@ impl<S: Store> FaultyStore<S> {
             self.switch.failed_writes.fetch_add(1, Ordering::SeqCst);
             return Err(StoreError::Unavailable("injected write failure".into()));
         }
-        self.inner.write_batch(records).await?;
+        self.inner.write_rows(records).await?;
         self.switch
             .rows_written
             .fetch_add(records.len() as u64, Ordering::SeqCst);
@@ -269,6 +279,14 @@ impl Store for Arc<dyn Store> {
 
     async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError> {
         (**self).write_batch(records).await
+    }
+
+    async fn write_rows(&self, rows: &[StoredRow]) -> Result<(), StoreError> {
+        (**self).write_rows(rows).await
+    }
+
+    async fn get_row(&self, key: Key) -> Result<Option<StoredRow>, StoreError> {
+        (**self).get_row(key).await
     }
 
     async fn sync(&self) -> Result<(), StoreError> {

@@ -90,6 +90,39 @@ impl WriteHealth {
     }
 }
 
+/// A row as the flush writes it and a point read returns it: a key's newest value and its
+/// alternative, if one is known ([`crate::resume::alternative`]). A store that does not keep
+/// alternatives uses [`Store`]'s defaults and stores the value alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredRow {
+    pub key: Key,
+    pub value: Value,
+    pub alternative: Option<Value>,
+}
+
+impl StoredRow {
+    /// A row without an alternative.
+    pub const fn plain(record: Record) -> Self {
+        Self {
+            key: record.key,
+            value: record.value,
+            alternative: None,
+        }
+    }
+
+    pub const fn record(&self) -> Record {
+        Record::new(self.key, self.value)
+    }
+
+    /// The row's value and alternative, as [`crate::resume::alternative::merge`] takes them.
+    pub const fn summary(&self) -> crate::resume::alternative::Summary {
+        crate::resume::alternative::Summary {
+            value: self.value,
+            alternative: self.alternative,
+        }
+    }
+}
+
 /// One profile's title as a store lists it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TitleEntry {
@@ -198,6 +231,25 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::sync`] returns `Ok`, and only then may the commit log drop it. An empty
     /// batch is a no-op. Records in one batch have distinct keys.
     async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError>;
+
+    /// [`Store::write_batch`] of rows that may carry an alternative: a store that keeps
+    /// alternatives merges each row's with what it holds (by
+    /// [`crate::resume::alternative::merge`], or as close as it can without a read: see
+    /// the store's docs); the default drops them and writes the values.
+    async fn write_rows(&self, rows: &[StoredRow]) -> Result<(), StoreError> {
+        let records: Vec<Record> = rows.iter().map(StoredRow::record).collect();
+        self.write_batch(&records).await
+    }
+
+    /// [`Store::get`] with the row's alternative, if the store keeps one (the default:
+    /// never).
+    async fn get_row(&self, key: Key) -> Result<Option<StoredRow>, StoreError> {
+        Ok(self.get(key).await?.map(|value| StoredRow {
+            key,
+            value,
+            alternative: None,
+        }))
+    }
 
     /// Makes every batch whose [`Store::write_batch`] returned `Ok` durable. The flusher
     /// calls it once per cycle, after the cycle's last batch, so a store with a journal

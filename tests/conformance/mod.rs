@@ -9,7 +9,8 @@ use std::sync::Arc;
 use playhead::config::Config;
 use playhead::engine::Engine;
 use playhead::model::{Key, Record, Value};
-use playhead::store::{RecentTitles, Store, TitleEntry};
+use playhead::resume::alternative::{self, OfferRule};
+use playhead::store::{RecentTitles, Store, StoredRow, TitleEntry};
 
 /// A store under test and what it promises.
 pub struct Subject {
@@ -62,6 +63,76 @@ pub async fn lww_every_arrival_order(s: Subject) {
             "arrival order {order:?}"
         );
     }
+}
+
+/// Alternatives (docs/architecture.md, "Alternatives"): a row written with one reads back
+/// with it, and keeps it through later writes of the winner's device that carry none; a
+/// plain row has none; after a deletion nothing from before it is offered, even once a
+/// heartbeat follows. (How a store merges a row that carries none with the value it holds
+/// differs: exactly in the embedded store, not at all in Cassandra — not asserted here.)
+pub async fn alternatives_round_trip(s: Subject) {
+    let account = fresh_account();
+    let key = Key::new(account, 1, 1);
+    let (phone, tv) = (1, 2);
+    let at_phone = Value::new(2_843, BASE_MS, phone);
+    let row = |value, alternative| StoredRow {
+        key,
+        value,
+        alternative,
+    };
+    let tv_8 = Value::new(8, BASE_MS + 10_000, tv);
+    s.store
+        .write_rows(&[row(tv_8, Some(at_phone))])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.store.get_row(key).await.unwrap(),
+        Some(row(tv_8, Some(at_phone)))
+    );
+    assert_eq!(s.store.get(key).await.unwrap(), Some(tv_8));
+    let tv_12 = Value::new(12, BASE_MS + 14_000, tv);
+    s.store.write_rows(&[row(tv_12, None)]).await.unwrap();
+    assert_eq!(
+        s.store.get_row(key).await.unwrap(),
+        Some(row(tv_12, Some(at_phone))),
+        "the TV's own heartbeat keeps the phone's position"
+    );
+    // A plain row, written by `write_batch`, has none.
+    let plain = Key::new(account, 1, 2);
+    s.store
+        .write_batch(&[rec(plain, 5, BASE_MS, tv)])
+        .await
+        .unwrap();
+    let read = s.store.get_row(plain).await.unwrap().unwrap();
+    assert_eq!(
+        (read.value, read.alternative),
+        (Value::new(5, BASE_MS, tv), None)
+    );
+    // Deleted, then watched again on the TV: the phone's position is not offered.
+    s.store.delete(key, BASE_MS + 20_000).await.unwrap();
+    let deleted = s.store.get_row(key).await.unwrap().unwrap();
+    assert!(deleted.value.is_tombstone());
+    assert_eq!(deleted.alternative, None);
+    let tv_after = Value::new(30, BASE_MS + 30_000, tv);
+    s.store.write_rows(&[row(tv_after, None)]).await.unwrap();
+    let after = s.store.get_row(key).await.unwrap().unwrap();
+    assert_eq!(after.value, tv_after);
+    let rule = OfferRule {
+        window_ms: u64::MAX,
+        min_distance_seconds: 0,
+    };
+    assert_eq!(
+        alternative::offer(&after.summary(), BASE_MS + 30_000, rule),
+        None,
+        "{after:?}"
+    );
+    // A stale row never changes the value, whatever it carries.
+    let stale = Value::new(1, BASE_MS + 25_000, phone);
+    s.store
+        .write_rows(&[row(stale, Some(Value::new(2, BASE_MS + 24_000, tv)))])
+        .await
+        .unwrap();
+    assert_eq!(s.store.get(key).await.unwrap(), Some(tv_after));
 }
 
 fn permutations(items: &mut Vec<usize>, k: usize, out: &mut Vec<Vec<usize>>) {
@@ -453,7 +524,8 @@ macro_rules! conformance_suite {
                 retention_purges_only_old_rows,
                 batch_sizes,
                 concurrent_writers_converge,
-                two_engines_flush_in_the_wrong_order);
+                two_engines_flush_in_the_wrong_order,
+                alternatives_round_trip);
         }
     };
     (@cases $make:expr; $attrs:tt; $($case:ident),*) => {

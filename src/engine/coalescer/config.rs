@@ -19,6 +19,10 @@ pub struct CoalescerConfig {
     /// idle and are stored. Bounds what one profile writing thousands of titles costs the
     /// keys around it.
     pub max_titles_per_profile: usize,
+    /// Most alternatives kept in memory ([`super::alternatives`]: the value another device
+    /// had when it was superseded, for "resume from where?" answers). Past it the oldest
+    /// are evicted; a key that has one pays ~50 bytes more.
+    pub max_alternatives: usize,
 }
 
 impl Default for CoalescerConfig {
@@ -27,6 +31,7 @@ impl Default for CoalescerConfig {
             shards: 64,
             max_keys: 48_000_000,
             max_titles_per_profile: 64,
+            max_alternatives: super::DEFAULT_MAX_ALTERNATIVES,
         }
     }
 }
@@ -51,6 +56,12 @@ impl CoalescerConfig {
             "coalescer.max_titles_per_profile",
             c.max_titles_per_profile,
             c.max_titles_per_profile >= 1,
+            "at least 1",
+        )?;
+        check(
+            "coalescer.max_alternatives",
+            c.max_alternatives,
+            c.max_alternatives >= 1,
             "at least 1",
         )?;
         Ok(())

@@ -30,17 +30,22 @@
 //! bytes, inline in an open-addressing table ([`keymap`]) kept between 68 % and 85 %
 //! full: 52–65 bytes per key held, plus one occupancy bit per slot.
 
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use crossbeam::utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
 
+pub mod alternatives;
 pub mod config;
 pub mod keymap;
 
-use crate::model::{Key, Record};
+use crate::model::{Clock, Key, Record, Value};
+use crate::resume::alternative::Summary;
+use crate::store::StoredRow;
 use crate::telemetry::metrics::{counter, counters, gauge, gauges, DescriptorEncoder, Encoded};
+use alternatives::Alternatives;
 use keymap::{Entry, Held, Location, Meta};
 
 type Hasher = foldhash::fast::RandomState;
@@ -94,6 +99,12 @@ pub struct CoalescerStats {
     pub clean_keys: u64,
     /// Clean keys evicted so far.
     pub evicted: u64,
+    /// Keys holding an alternative ([`alternatives`]).
+    pub alternatives: u64,
+    /// Alternatives evicted at `coalescer.max_alternatives`, oldest first.
+    pub alternatives_evicted: u64,
+    /// Alternatives dropped because `api.alternative_window_ms` passed.
+    pub alternatives_expired: u64,
 }
 
 impl CoalescerStats {
@@ -143,6 +154,21 @@ impl CoalescerStats {
             "playhead_coalescer_max_keys",
             "Configured bound on keys in memory.",
             max_keys,
+        )?;
+        gauge(
+            e,
+            "playhead_coalescer_alternatives",
+            "Keys holding an alternative: the value another device had when it was superseded, kept for resume answers.",
+            self.alternatives,
+        )?;
+        counters(
+            e,
+            "playhead_coalescer_alternatives_dropped_total",
+            "Alternatives dropped from memory: evicted (oldest first, at coalescer.max_alternatives) or expired (older than api.alternative_window_ms).",
+            [
+                ([("reason", "evicted")], self.alternatives_evicted),
+                ([("reason", "expired")], self.alternatives_expired),
+            ],
         )
     }
 }
@@ -151,6 +177,8 @@ struct Shard {
     map: ShardMap,
     /// Entries of `map` that are dirty.
     dirty: usize,
+    /// The alternatives of this shard's keys: a side table, so the map's slot stays small.
+    alts: Alternatives,
     stats: CoalescerStats,
 }
 
@@ -179,6 +207,8 @@ struct PickScratch {
     chunk: Vec<Record>,
     /// Clean keys that looked evictable during the pass.
     evict: Vec<Key>,
+    /// The alternatives of `chunk`'s records that have one.
+    chunk_alts: Vec<(Key, Value)>,
 }
 
 /// A shard and where its table is, for prefetching without taking the lock.
@@ -315,6 +345,8 @@ fn phase_ms(key: &Key, period_ms: u64) -> u64 {
 /// the store has them.
 pub struct Picked {
     pub records: Vec<Record>,
+    /// The alternatives of those of `records` that have one, to be stored with their rows.
+    pub alternatives: Vec<(Key, Value)>,
     /// The epoch the cycle opened: every write after the pick carries it or a later one.
     pub epoch: u32,
     /// The oldest epoch among dirty keys left unpicked, if any.
@@ -333,6 +365,16 @@ impl Picked {
 
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
+    }
+
+    /// The rows to write: each record with its alternative, if it has one.
+    pub fn rows(&self) -> impl Iterator<Item = StoredRow> + '_ {
+        let alternatives: HashMap<Key, Value> = self.alternatives.iter().copied().collect();
+        self.records.iter().map(move |r| StoredRow {
+            key: r.key,
+            value: r.value,
+            alternative: alternatives.get(&r.key).copied(),
+        })
     }
 
     /// The oldest epoch a dirty key can have once this pick is stored: what the commit log
@@ -364,7 +406,16 @@ pub struct Coalescer {
     epoch: AtomicU32,
     /// Rows the running flush cycle is writing.
     flushing: AtomicUsize,
+    /// How long an alternative is kept (`api.alternative_window_ms`), by `clock`'s time.
+    alternative_window_ms: u64,
+    clock: Clock,
 }
+
+/// `coalescer.max_alternatives`' default, for coalescers built without
+/// [`Coalescer::with_alternatives`].
+pub const DEFAULT_MAX_ALTERNATIVES: usize = 1 << 20;
+/// `api.alternative_window_ms`' default: a day.
+pub const DEFAULT_ALTERNATIVE_WINDOW_MS: u64 = 86_400_000;
 
 impl Coalescer {
     /// `shards` must be a power of two.
@@ -378,6 +429,7 @@ impl Coalescer {
                     shard: Mutex::new(Shard {
                         map: ShardMap::with_hasher(hasher.clone()),
                         dirty: 0,
+                        alts: Alternatives::new(DEFAULT_MAX_ALTERNATIVES.div_ceil(shards)),
                         stats: CoalescerStats::default(),
                     }),
                     location: AtomicLocation::default(),
@@ -394,7 +446,28 @@ impl Coalescer {
             max_titles_per_profile: usize::MAX,
             epoch: AtomicU32::new(FIRST_EPOCH),
             flushing: AtomicUsize::new(0),
+            alternative_window_ms: DEFAULT_ALTERNATIVE_WINDOW_MS,
+            clock: Clock::System,
         }
+    }
+
+    /// Bounds the alternatives kept to `max_alternatives` (`coalescer.max_alternatives`,
+    /// shared evenly by the shards) and keeps each for `window_ms` by `clock`'s time
+    /// (`api.alternative_window_ms`).
+    pub fn with_alternatives(
+        mut self,
+        max_alternatives: usize,
+        window_ms: u64,
+        clock: Clock,
+    ) -> Self {
+        assert!(max_alternatives >= 1, "max_alternatives must be at least 1");
+        let per_shard = max_alternatives.div_ceil(self.shards.len());
+        for cell in self.shards.iter() {
+            cell.lock().alts = Alternatives::new(per_shard);
+        }
+        self.alternative_window_ms = window_ms;
+        self.clock = clock;
+        self
     }
 
     /// Bounds the titles one profile may hold in memory (`coalescer.max_titles_per_profile`;
@@ -543,8 +616,14 @@ impl Coalescer {
                         shard.dirty += 1;
                     }
                     current.set(Held::new(record.value, Meta::dirty(epoch)));
+                    if record.value.device_id != was.value.device_id {
+                        self.another_device_superseded(&mut shard.alts, record, was.value);
+                    }
                     Upsert::Superseded
                 } else {
+                    if record.value.device_id != was.value.device_id {
+                        self.another_device_was_late(&mut shard.alts, record, was.value);
+                    }
                     Upsert::Stale
                 }
             }
@@ -561,6 +640,10 @@ impl Coalescer {
                         max_titles: self.max_titles_per_profile,
                     });
                 }
+                debug_assert!(
+                    shard.alts.get(&record.key).is_none(),
+                    "alternative of a key not held"
+                );
                 let grew = vacant.insert(record.key, Held::new(record.value, Meta::dirty(epoch)));
                 shard.dirty += 1;
                 if grew {
@@ -577,6 +660,46 @@ impl Coalescer {
         Ok(outcome)
     }
 
+    /// `record` superseded `was`, a value of another device: `was` becomes the key's
+    /// alternative ([`crate::resume::alternative::merge`] of the two) — unless a deletion
+    /// superseded it (a tombstone has none) or `was` is older than the window (no answer
+    /// could offer it, nor anything before it). Off the heartbeat's common path: a
+    /// device's own heartbeats never come here.
+    #[cold]
+    fn another_device_superseded(&self, alts: &mut Alternatives, record: &Record, was: Value) {
+        let too_old = was.updated_at_ms.saturating_add(self.alternative_window_ms)
+            < record.value.updated_at_ms;
+        if record.value.is_tombstone() || too_old {
+            alts.remove(&record.key);
+        } else {
+            alts.set(record.key, was);
+        }
+    }
+
+    /// `record` of another device arrived after `current`, a newer value: it is the key's
+    /// alternative if it is newer than the one kept (the same [`merge`] as a supersede,
+    /// so the alternative does not depend on arrival order). Kept in memory only: the key
+    /// is not dirtied, so it reaches the store with the key's next write.
+    ///
+    /// [`merge`]: crate::resume::alternative::merge
+    #[cold]
+    fn another_device_was_late(&self, alts: &mut Alternatives, record: &Record, current: Value) {
+        let late = record.value;
+        let too_old = late
+            .updated_at_ms
+            .saturating_add(self.alternative_window_ms)
+            < current.updated_at_ms;
+        if current.is_tombstone() || too_old {
+            return;
+        }
+        if alts
+            .get(&record.key)
+            .is_none_or(|kept| late.supersedes(&kept))
+        {
+            alts.set(record.key, late);
+        }
+    }
+
     /// Whether `key`'s profile holds `max_titles_per_profile` titles in `map` (the slow
     /// path of an insert whose probe was crowded).
     #[cold]
@@ -589,6 +712,15 @@ impl Coalescer {
     pub fn get(&self, key: &Key) -> Option<crate::model::Value> {
         let shard = self.shards[self.shard_index(key)].lock();
         shard.map.get(key).map(|held| held.value)
+    }
+
+    /// The newest value memory holds for `key` with its alternative, if it keeps one.
+    pub fn get_summary(&self, key: &Key) -> Option<Summary> {
+        let shard = self.shards[self.shard_index(key)].lock();
+        shard.map.get(key).map(|held| Summary {
+            value: held.value,
+            alternative: shard.alts.get(key),
+        })
     }
 
     /// Values memory holds for one profile, newest per title. Reads the profile's window
@@ -624,6 +756,7 @@ impl Coalescer {
     fn pick_in_pieces(&self, pick: &Pick, piece_slots: usize, between: &mut dyn FnMut()) -> Picked {
         let mut picked = Picked {
             records: Vec::new(),
+            alternatives: Vec::new(),
             epoch: self.epoch(),
             oldest_unpicked: None,
             capped: false,
@@ -669,16 +802,19 @@ impl Coalescer {
             piece_slots,
         } = *pass;
         let from = picked.records.len();
+        let from_alts = picked.alternatives.len();
         let mut restarts = 0;
         let pressed = 'pass: loop {
             picked.records.truncate(from);
+            picked.alternatives.truncate(from_alts);
             scratch.evict.clear();
             let mut generation = None;
             let mut next = 0usize;
             loop {
                 scratch.chunk.clear();
+                scratch.chunk_alts.clear();
                 let guard = cell.lock();
-                let map = &guard.map;
+                let (map, alts) = (&guard.map, &guard.alts);
                 if *generation.get_or_insert(map.generation()) != map.generation() {
                     restarts += 1;
                     continue 'pass;
@@ -694,6 +830,7 @@ impl Coalescer {
                 let pressed = map.len() >= self.max_keys_per_shard / 10 * 9;
                 let room = pick.max_rows.saturating_sub(picked.records.len());
                 let (chunk, evict) = (&mut scratch.chunk, &mut scratch.evict);
+                let chunk_alts = &mut scratch.chunk_alts;
                 let (oldest, capped) = (&mut picked.oldest_unpicked, &mut picked.capped);
                 map.for_each_in(next..end, |key, held| {
                     let meta = held.meta;
@@ -707,6 +844,9 @@ impl Coalescer {
                     let due = pick.all || idle || checkpoint.due(&key);
                     if due && chunk.len() < room {
                         chunk.push(Record::new(key, held.value));
+                        if let Some(alternative) = alts.get(&key) {
+                            chunk_alts.push((key, alternative));
+                        }
                     } else {
                         *capped |= due;
                         *oldest = Some(oldest.map_or(meta.epoch(), |o| o.min(meta.epoch())));
@@ -718,6 +858,7 @@ impl Coalescer {
                 // Grown outside the lock: at millions of rows a reallocation copies
                 // hundreds of MB.
                 picked.records.extend_from_slice(&scratch.chunk);
+                picked.alternatives.extend_from_slice(&scratch.chunk_alts);
                 next = end;
                 if done {
                     break 'pass pressed;
@@ -732,11 +873,19 @@ impl Coalescer {
                 let still_evictable = |held: Held| {
                     !held.meta.is_dirty() && (held.meta.epoch() < pick.idle_before || pressed)
                 };
-                evicted += u64::from(shard.map.remove_unless(key, |h| !still_evictable(h)));
+                if shard.map.remove_unless(key, |h| !still_evictable(h)) {
+                    shard.alts.remove(key);
+                    evicted += 1;
+                }
             }
             shard.stats.evicted += evicted;
         }
+        let cutoff_ms = self
+            .clock
+            .now_ms()
+            .saturating_sub(self.alternative_window_ms);
         let mut guard = cell.lock();
+        guard.alts.expire_before(cutoff_ms);
         if guard.map.shrink_if_sparse() {
             cell.publish(&guard);
         }
@@ -767,6 +916,7 @@ impl Coalescer {
             };
             if idle {
                 shard.map.remove(&record.key);
+                shard.alts.remove(&record.key);
                 shard.stats.evicted += 1;
             }
         }
@@ -814,6 +964,9 @@ impl Coalescer {
             total.overloaded += s.overloaded;
             total.profile_full += s.profile_full;
             total.evicted += s.evicted;
+            total.alternatives += shard.alts.len() as u64;
+            total.alternatives_evicted += shard.alts.evicted;
+            total.alternatives_expired += shard.alts.expired;
             total.dirty_keys += shard.dirty as u64;
             total.clean_keys += (shard.map.len() - shard.dirty) as u64;
         }
@@ -840,6 +993,14 @@ impl Coalescer {
         self.shards
             .iter()
             .map(|shard| shard.lock().map.allocated_bytes())
+            .sum()
+    }
+
+    /// Bytes the alternatives' side tables have allocated.
+    pub fn alternatives_allocated_bytes(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| shard.lock().alts.allocated_bytes())
             .sum()
     }
 
@@ -1075,6 +1236,90 @@ mod tests {
         }
         assert_eq!(total, 100);
         assert!(c.is_empty());
+    }
+
+    /// Alternatives: kept when another device supersedes, kept through the winner's own
+    /// heartbeats, cleared by a deletion, carried by the pick, and dropped with the key
+    /// once it is stored and idle.
+    #[test]
+    fn another_devices_superseded_value_is_kept_picked_and_dropped_with_the_key() {
+        let c = Coalescer::new(4, 1_000).with_alternatives(100, 60_000, Clock::manual(10_000));
+        let key = Key::new(1, 1, 5);
+        let phone = Value::new(2_843, 1_000, 1);
+        c.upsert(&Record::new(key, phone)).unwrap();
+        c.upsert(&rec(6, 100, 1_000, 1)).unwrap();
+        c.upsert(&rec(6, 10, 2_000, 1)).unwrap(); // a seek back on the same device
+        c.upsert(&Record::new(key, Value::new(0, 2_000, 2)))
+            .unwrap();
+        c.upsert(&Record::new(key, Value::new(4, 6_000, 2)))
+            .unwrap();
+        let summary = c.get_summary(&key).unwrap();
+        assert_eq!(summary.value, Value::new(4, 6_000, 2));
+        assert_eq!(summary.alternative, Some(phone));
+        assert_eq!(c.get_summary(&Key::new(1, 1, 6)).unwrap().alternative, None);
+        assert_eq!(c.stats().alternatives, 1);
+        // Arrival order does not matter: the TV's writes first, the phone's late one after.
+        let other = Key::new(1, 1, 7);
+        c.upsert(&Record::new(other, Value::new(4, 6_000, 2)))
+            .unwrap();
+        assert_eq!(c.upsert(&Record::new(other, phone)), Ok(Upsert::Stale));
+        assert_eq!(c.get_summary(&other).unwrap().alternative, Some(phone));
+        // An older late one changes nothing.
+        c.upsert(&Record::new(other, Value::new(1, 500, 3)))
+            .unwrap();
+        assert_eq!(c.get_summary(&other).unwrap().alternative, Some(phone));
+        c.upsert(&Record::new(other, Value::tombstone(7_000)))
+            .unwrap();
+        let e = c.advance_epoch();
+        let picked = c.pick(&idle_only(e));
+        assert_eq!(picked.alternatives, vec![(key, phone)]);
+        let rows: Vec<StoredRow> = picked.rows().collect();
+        assert_eq!(rows.len(), 3);
+        assert!(rows
+            .iter()
+            .all(|r| r.alternative == (r.key == key).then_some(phone)));
+        c.mark_stored(&picked);
+        assert!(c.is_empty());
+        assert_eq!(c.stats().alternatives, 0, "left with its key");
+        // A deletion clears it; a heartbeat after the deletion keeps the tombstone.
+        c.upsert(&Record::new(key, phone)).unwrap();
+        c.upsert(&Record::new(key, Value::new(8, 3_000, 2)))
+            .unwrap();
+        c.upsert(&Record::new(key, Value::tombstone(4_000)))
+            .unwrap();
+        assert_eq!(c.get_summary(&key).unwrap().alternative, None);
+        c.upsert(&Record::new(key, Value::new(9, 5_000, 2)))
+            .unwrap();
+        assert_eq!(
+            c.get_summary(&key).unwrap().alternative,
+            Some(Value::tombstone(4_000))
+        );
+    }
+
+    /// Past the window, a flush's pick drops alternatives; a superseded value already older
+    /// than the window is never kept.
+    #[test]
+    fn alternatives_expire_with_the_window() {
+        let clock = Clock::manual(100_000);
+        let c = Coalescer::new(2, 1_000).with_alternatives(100, 60_000, clock.clone());
+        let key = Key::new(1, 1, 5);
+        c.upsert(&Record::new(key, Value::new(50, 90_000, 1)))
+            .unwrap();
+        c.upsert(&Record::new(key, Value::new(0, 100_000, 2)))
+            .unwrap();
+        let _ = c.pick(&idle_only(REPLAYED_EPOCH));
+        assert_eq!(c.stats().alternatives, 1);
+        clock.advance_ms(60_001);
+        let _ = c.pick(&idle_only(REPLAYED_EPOCH));
+        let s = c.stats();
+        assert_eq!((s.alternatives, s.alternatives_expired), (0, 1));
+        assert!(c.get_summary(&key).unwrap().alternative.is_none());
+        let old = Key::new(1, 1, 6);
+        c.upsert(&Record::new(old, Value::new(50, 1_000, 1)))
+            .unwrap();
+        c.upsert(&Record::new(old, Value::new(0, 200_000, 2)))
+            .unwrap();
+        assert_eq!(c.get_summary(&old).unwrap().alternative, None);
     }
 
     #[test]

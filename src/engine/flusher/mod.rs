@@ -39,7 +39,7 @@ use crate::config::FlushConfig;
 use crate::engine::coalescer::{Checkpoint, Pick, Picked, FIRST_EPOCH};
 use crate::engine::{EngineStats, Shared};
 use crate::model::{self, Record};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoredRow};
 use crate::telemetry::metrics::{counter, counters, histogram, load, DescriptorEncoder, Encoded};
 
 /// How often the log guard looks at the log's size.
@@ -283,7 +283,7 @@ async fn cycle(
         segment,
         ..FlushReport::default()
     };
-    let mut stored = write_picked(shared, &picked.records, give, &mut report).await;
+    let mut stored = write_picked(shared, &picked, give, &mut report).await;
     let written_in = started.elapsed();
     if stored.is_ok() {
         // Published after the sync and before the keys count as stored (and the log may
@@ -345,17 +345,19 @@ async fn pick_records(shared: &Arc<Shared>, pick: Pick) -> Result<Picked, FlushE
     .map_err(|e| FlushError::Panicked(e.to_string()))
 }
 
+/// Writes the picked rows, each with its alternative ([`Picked::rows`]), in batches of
+/// `flush.batch_rows`, then syncs the store once.
 async fn write_picked(
     shared: &Shared,
-    picked: &[Record],
+    picked: &Picked,
     give: Give,
     report: &mut FlushReport,
 ) -> Result<(), FlushError> {
     let cfg = &shared.config.flush;
     let mut in_flight: JoinSet<Result<usize, FlushError>> = JoinSet::new();
-    let mut records = picked.iter().copied();
+    let mut records = picked.rows();
     loop {
-        let batch: Vec<Record> = records.by_ref().take(cfg.batch_rows).collect();
+        let batch: Vec<StoredRow> = records.by_ref().take(cfg.batch_rows).collect();
         let exhausted = batch.len() < cfg.batch_rows;
         if !batch.is_empty() {
             report.rows += batch.len();
@@ -430,8 +432,8 @@ async fn publish_picked(
 
 /// One store call of a flush cycle.
 enum StoreOp {
-    /// Apply one batch.
-    Write(Vec<Record>),
+    /// Apply one batch of rows (with their alternatives).
+    Write(Vec<StoredRow>),
     /// Make the cycle's `rows`, all applied, durable.
     Sync { rows: usize },
 }
@@ -459,7 +461,7 @@ fn with_retry(
     async move {
         loop {
             let outcome = match &op {
-                StoreOp::Write(batch) => store.write_batch(batch).await,
+                StoreOp::Write(batch) => store.write_rows(batch).await,
                 StoreOp::Sync { .. } => store.sync().await,
             };
             let error: StoreError = match outcome {

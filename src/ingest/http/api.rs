@@ -14,8 +14,10 @@ use crate::engine::{ReadResult, ReadSource};
 use crate::ingest::auth::Principal;
 use crate::ingest::RejectReason;
 use crate::model::Key;
+use crate::resume::alternative::{self, Summary};
 use crate::resume::catalog::{Title, MAX_TITLE_ID_BYTES};
 use crate::resume::{self, ContinueItem, Resume};
+use std::sync::atomic::Ordering;
 
 /// Body of `POST /api/v1/stream/progress`.
 #[derive(Debug, Deserialize)]
@@ -55,6 +57,20 @@ pub struct StreamResponse {
     pub completed: bool,
     /// `memory`, `store`, or `degraded` (the store could not answer in time: position 0).
     pub source: &'static str,
+    /// Where another device was when this position superseded it, when that is recent and
+    /// far enough away to ask the viewer ([`crate::resume::alternative::offer`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alternative: Option<AlternativeAnswer>,
+}
+
+/// `alternative` of `GET /api/v1/stream`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct AlternativeAnswer {
+    pub position_seconds: u32,
+    /// The device's name, when this node knows it (as `last_device_id`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    pub updated_at_ms: u64,
 }
 
 /// One entry of `GET /api/v1/continue-watching`.
@@ -347,6 +363,29 @@ impl AppState {
         read
     }
 
+    /// The alternative `answer` offers, if the rule says so; counted in
+    /// `playhead_resume_alternatives_offered_total`.
+    fn offered_alternative(
+        &self,
+        principal: Principal,
+        answer: &Resume<'_>,
+    ) -> Option<AlternativeAnswer> {
+        let summary = Summary {
+            value: answer.value?,
+            alternative: answer.alternative,
+        };
+        let now_ms = self.ingest.engine().now_ms();
+        let offered = alternative::offer(&summary, now_ms, self.config.api.alternative_rule())?;
+        self.metrics
+            .alternatives_offered
+            .fetch_add(1, Ordering::Relaxed);
+        Some(AlternativeAnswer {
+            position_seconds: offered.position_seconds,
+            device: self.devices.name(principal.account_id, offered.device_id),
+            updated_at_ms: offered.updated_at_ms,
+        })
+    }
+
     fn answer(&self, principal: Principal, answer: &Resume<'_>) -> StreamResponse {
         let title = answer.title;
         StreamResponse {
@@ -361,6 +400,7 @@ impl AppState {
             next_episode_of: answer.next_episode_of.map(|t| t.id.clone()),
             completed: answer.completed,
             source: source_name(answer.source),
+            alternative: self.offered_alternative(principal, answer),
         }
     }
 

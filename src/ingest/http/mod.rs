@@ -34,7 +34,8 @@ use crate::ingest::Ingest;
 use crate::resume::DeviceNames;
 use crate::store::WriteHealth;
 use crate::telemetry::metrics::{
-    self, counters, histogram, histograms, load, DescriptorEncoder, Encoded, Histogram, Registry,
+    self, counter, counters, histogram, histograms, load, DescriptorEncoder, Encoded, Histogram,
+    Registry,
 };
 use error::ApiError;
 
@@ -248,6 +249,8 @@ pub struct HttpMetrics {
     requests: [[AtomicU64; STATUSES.len()]; ROUTES.len()],
     latency: [[Histogram; CLASSES.len()]; ROUTES.len()],
     pub resume_read_seconds: Histogram,
+    /// Resume answers that carried an `alternative`.
+    pub alternatives_offered: AtomicU64,
 }
 
 impl HttpMetrics {
@@ -290,6 +293,12 @@ impl HttpMetrics {
             "playhead_resume_read_duration_seconds",
             "Latency of resume reads (memory, then store within the budget).",
             &self.resume_read_seconds,
+        )?;
+        counter(
+            e,
+            "playhead_resume_alternatives_offered_total",
+            "Resume answers (GET /api/v1/stream) that offered an alternative: another device's recent position, far from the answer's.",
+            load(&self.alternatives_offered),
         )
     }
 

@@ -3,7 +3,8 @@
 //!
 //! Table (one per keyspace; [`table_cql`]):
 //! ```text
-//! positions ((account_id bigint, profile_id bigint), title_id varint, versions set<blob>)
+//! positions ((account_id bigint, profile_id bigint), title_id varint, versions set<blob>,
+//!            alternative blob)
 //! ```
 //! One partition per profile, so continue-watching is one partition read; `title_id` is a
 //! `varint` so the clustering order is the unsigned order of our u64 title ids.
@@ -19,6 +20,18 @@
 //! our order, exactly, whatever the arrival order and whatever the server's rule for cells
 //! of equal timestamp (which, for cells with a TTL, compares expiry before value and so
 //! would follow arrival time). Deletes are the same write with a tombstone value.
+//!
+//! ## Alternatives
+//! `alternative` holds a row's alternative ([`crate::resume::alternative`]) as a 16-byte
+//! version like `versions`' elements, written by the same statement at the same timestamp
+//! when the flushed row has one, and left *unset* (untouched) when it has none, so the last
+//! alternative written survives later writes of the same device. A tombstone writes itself
+//! there, so no alternative from before a deletion is offered after it. Without a read
+//! before the write this is not the exact merge the embedded store does: when the node
+//! writing a key never saw the stored value it superseded (the key had left its memory),
+//! the stored value is not made the alternative. Reads keep it only while it qualifies
+//! (older than the value, another device). A table created before alternatives gets the
+//! column at start ([`migration_cql`], docs/cassandra.md).
 //!
 //! ## Write path
 //! A batch is grouped by partition; a partition's rows go out as one UNLOGGED batch of up
@@ -60,12 +73,14 @@ use scylla::value::CqlVarint;
 use tokio::sync::Semaphore;
 
 use super::breaker::{self, BreakerState, CircuitBreaker};
-use super::{MostRecent, RecentTitles, Store, StoreError, TitleEntry};
+use super::{MostRecent, RecentTitles, Store, StoreError, StoredRow, TitleEntry};
 use crate::config::Config;
 use crate::model::{Key, Record, Value};
+use crate::resume::alternative::{self, Summary};
 use crate::telemetry::metrics::{DescriptorEncoder, Encoded};
 use config::{CassandraStoreConfig, ConsistencyLevel, ReplicationStrategy};
 use metrics::{CancelGuard, CassandraMetrics, InFlight, Op, RetryCounter, BREAKERS, OPS};
+use scylla::value::MaybeUnset;
 
 /// The table every statement names.
 pub const TABLE: &str = "positions";
@@ -110,6 +125,7 @@ pub fn table_cql(keyspace: &str) -> String {
          \x20   profile_id bigint,\n\
          \x20   title_id varint,\n\
          \x20   versions set<blob>,\n\
+         \x20   alternative blob,\n\
          \x20   PRIMARY KEY ((account_id, profile_id), title_id)\n\
          ) WITH CLUSTERING ORDER BY (title_id ASC)\n\
          \x20 AND compaction = {{'class': 'SizeTieredCompactionStrategy'}}\n\
@@ -117,23 +133,44 @@ pub fn table_cql(keyspace: &str) -> String {
     )
 }
 
-/// The schema a DBA applies (what `playhead schema` prints).
+/// The schema a DBA applies (what `playhead schema` prints), with the migration of a table
+/// created before alternatives as a comment.
 pub fn schema_cql(c: &CassandraStoreConfig) -> String {
-    format!("{};\n\n{};\n", keyspace_cql(c), table_cql(&c.keyspace))
+    format!(
+        "{};\n\n{};\n\n-- A table created before alternatives (docs/cassandra.md):\n-- {};\n",
+        keyspace_cql(c),
+        table_cql(&c.keyspace),
+        migration_cql(&c.keyspace)
+    )
 }
 
-/// The upsert: bind order timestamp, ttl, versions, account_id, profile_id, title_id.
+/// Adds `alternative` to a table created before it (run at start when the column is
+/// missing, [`alternative_column_cql`]).
+pub fn migration_cql(keyspace: &str) -> String {
+    format!("ALTER TABLE {keyspace}.{TABLE} ADD alternative blob")
+}
+
+/// Whether the table has `alternative`: one row when it does. Bind: keyspace.
+pub fn alternative_column_cql() -> String {
+    format!(
+        "SELECT column_name FROM system_schema.columns \
+         WHERE keyspace_name = ? AND table_name = '{TABLE}' AND column_name = 'alternative'"
+    )
+}
+
+/// The upsert: bind order timestamp, ttl, versions, alternative (or unset), account_id,
+/// profile_id, title_id.
 pub fn upsert_cql(keyspace: &str) -> String {
     format!(
-        "UPDATE {keyspace}.{TABLE} USING TIMESTAMP ? AND TTL ? SET versions = ? \
+        "UPDATE {keyspace}.{TABLE} USING TIMESTAMP ? AND TTL ? SET versions = ?, alternative = ? \
          WHERE account_id = ? AND profile_id = ? AND title_id = ?"
     )
 }
 
-/// One key's versions.
+/// One key's versions and alternative.
 pub fn get_cql(keyspace: &str) -> String {
     format!(
-        "SELECT versions FROM {keyspace}.{TABLE} \
+        "SELECT versions, alternative FROM {keyspace}.{TABLE} \
          WHERE account_id = ? AND profile_id = ? AND title_id = ?"
     )
 }
@@ -271,7 +308,7 @@ fn consistency(level: ConsistencyLevel) -> Consistency {
 
 /// Splits `records` into per-partition groups of at most `max_rows`, each group sorted by
 /// title. Every record lands in exactly one group; no group mixes two profiles.
-pub fn group_by_partition(records: &[Record], max_rows: usize) -> Vec<Vec<Record>> {
+pub fn group_by_partition(records: &[StoredRow], max_rows: usize) -> Vec<Vec<StoredRow>> {
     assert!(max_rows >= 1);
     let mut sorted = records.to_vec();
     sorted.sort_unstable_by_key(|r| r.key);
@@ -279,7 +316,7 @@ pub fn group_by_partition(records: &[Record], max_rows: usize) -> Vec<Vec<Record
     for partition in sorted.chunk_by(|a, b| {
         (a.key.account_id, a.key.profile_id) == (b.key.account_id, b.key.profile_id)
     }) {
-        groups.extend(partition.chunks(max_rows).map(<[Record]>::to_vec));
+        groups.extend(partition.chunks(max_rows).map(<[StoredRow]>::to_vec));
     }
     groups
 }
@@ -350,6 +387,7 @@ impl CassandraStore {
                     .await
                     .map_err(|e| unavailable("creating the schema", e))?;
             }
+            add_alternative_column(&session, &c.keyspace).await?;
             session
                 .await_schema_agreement()
                 .await
@@ -416,15 +454,86 @@ impl CassandraStore {
     }
 }
 
+/// Adds `alternative` to a table created before it, once: the column is looked up first,
+/// so a start with the column does nothing (and a concurrent start that added it first
+/// is no error either).
+async fn add_alternative_column(session: &Session, keyspace: &str) -> Result<(), StoreError> {
+    let has_column = || async {
+        let found = session
+            .query_unpaged(alternative_column_cql(), (keyspace,))
+            .await
+            .map_err(|e| unavailable("reading the table's columns", e))?
+            .into_rows_result()
+            .map_err(|e| unavailable("reading the table's columns", e))?
+            .rows_num();
+        Ok::<bool, StoreError>(found > 0)
+    };
+    if has_column().await? {
+        return Ok(());
+    }
+    let added = session
+        .query_unpaged(migration_cql(keyspace).as_str(), ())
+        .await;
+    match added {
+        Ok(_) => {
+            tracing::info!(keyspace, "added the `alternative` column to {TABLE}");
+            Ok(())
+        }
+        Err(_) if has_column().await? => Ok(()),
+        Err(e) => Err(unavailable("adding the `alternative` column", e)),
+    }
+}
+
 /// The values of one upsert, in [`upsert_cql`]'s bind order.
-type UpsertRow = (i64, i32, Vec<Vec<u8>>, i64, i64, CqlVarint);
+type UpsertRow = (
+    i64,
+    i32,
+    Vec<Vec<u8>>,
+    MaybeUnset<Vec<u8>>,
+    i64,
+    i64,
+    CqlVarint,
+);
+
+/// What a row writes to `alternative`: its alternative, a tombstone itself (so nothing
+/// from before a deletion is offered after it), or nothing (unset: the cell keeps what an
+/// earlier write put there).
+pub fn alternative_cell(row: &StoredRow) -> Option<[u8; VERSION_BYTES]> {
+    if row.value.is_tombstone() {
+        return Some(encode_version(&row.value));
+    }
+    row.alternative.as_ref().map(encode_version)
+}
+
+/// A row read back: the newest version and the `alternative` cell while it qualifies
+/// (older than the value, another device: [`alternative::merge`] drops it otherwise).
+pub fn read_row(key: Key, value: Value, alternative_cell: Option<&[u8]>) -> StoredRow {
+    let cell = alternative_cell.and_then(decode_version);
+    let summary = alternative::merge(
+        Summary::single(value),
+        Summary {
+            value,
+            alternative: cell,
+        },
+    );
+    StoredRow {
+        key,
+        value,
+        alternative: summary.alternative,
+    }
+}
 
 impl Inner {
-    fn upsert_row(&self, r: &Record) -> UpsertRow {
+    fn upsert_row(&self, r: &StoredRow) -> UpsertRow {
+        let alternative = match alternative_cell(r) {
+            Some(bytes) => MaybeUnset::Set(bytes.to_vec()),
+            None => MaybeUnset::Unset,
+        };
         (
             write_timestamp_micros(&r.value),
             self.ttl,
             vec![encode_version(&r.value).to_vec()],
+            alternative,
             id_to_bigint(r.key.account_id),
             id_to_bigint(r.key.profile_id),
             u64_to_varint(r.key.title_id),
@@ -484,7 +593,7 @@ impl Inner {
 
     /// Writes one partition's rows: a plain statement for one row, an UNLOGGED batch for
     /// more (one partition, so one replica set applies it atomically and cheaply).
-    async fn write_partition(self: &Arc<Self>, rows: &[Record]) -> Result<(), StoreError> {
+    async fn write_partition(self: &Arc<Self>, rows: &[StoredRow]) -> Result<(), StoreError> {
         debug_assert!(!rows.is_empty() && rows.len() <= self.max_batch_rows);
         let inner = Arc::clone(self);
         if let [row] = rows {
@@ -518,7 +627,7 @@ impl Inner {
 /// failed (the batch is retried whole anyway), else written to its answer.
 async fn write_unless_failed(
     inner: Arc<Inner>,
-    rows: Vec<Record>,
+    rows: Vec<StoredRow>,
     failed: Arc<AtomicBool>,
 ) -> Result<(), StoreError> {
     if failed.load(Ordering::Relaxed) {
@@ -543,6 +652,12 @@ impl Store for CassandraStore {
     /// call returns the first error and the flusher retries the whole batch, which is
     /// harmless: every write carries its own timestamp.
     async fn write_batch(&self, records: &[Record]) -> Result<(), StoreError> {
+        let rows: Vec<StoredRow> = records.iter().copied().map(StoredRow::plain).collect();
+        self.write_rows(&rows).await
+    }
+
+    /// [`Store::write_batch`] with each row's alternative (module docs, "Alternatives").
+    async fn write_rows(&self, records: &[StoredRow]) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
@@ -564,6 +679,10 @@ impl Store for CassandraStore {
     }
 
     async fn get(&self, key: Key) -> Result<Option<Value>, StoreError> {
+        Ok(self.get_row(key).await?.map(|row| row.value))
+    }
+
+    async fn get_row(&self, key: Key) -> Result<Option<StoredRow>, StoreError> {
         let inner = Arc::clone(&self.inner);
         let values = (
             id_to_bigint(key.account_id),
@@ -580,18 +699,19 @@ impl Store for CassandraStore {
             .into_rows_result()
             .map_err(|e| unavailable("reading a row", e))?;
         let row = rows
-            .maybe_first_row::<(Option<Vec<&[u8]>>,)>()
+            .maybe_first_row::<(Option<Vec<&[u8]>>, Option<&[u8]>)>()
             .map_err(|e| StoreError::Corrupt {
                 key: Some(key),
                 detail: e.to_string(),
             })?;
-        let Some((Some(elements),)) = row else {
+        let Some((Some(elements), cell)) = row else {
             return Ok(None);
         };
-        newest_version(elements).map_err(|detail| StoreError::Corrupt {
+        let newest = newest_version(elements).map_err(|detail| StoreError::Corrupt {
             key: Some(key),
             detail,
-        })
+        })?;
+        Ok(newest.map(|value| read_row(key, value, cell)))
     }
 
     async fn recent_titles(
@@ -697,19 +817,25 @@ mod tests {
         assert!(table.starts_with("CREATE TABLE IF NOT EXISTS ks.positions (\n"));
         assert!(table.contains("    title_id varint,\n"));
         assert!(table.contains("    versions set<blob>,\n"));
+        assert!(table.contains("    alternative blob,\n"));
+        assert_eq!(
+            migration_cql("ks"),
+            "ALTER TABLE ks.positions ADD alternative blob"
+        );
         assert!(table.contains("PRIMARY KEY ((account_id, profile_id), title_id)"));
         assert_eq!(
             upsert_cql("ks"),
-            "UPDATE ks.positions USING TIMESTAMP ? AND TTL ? SET versions = ? \
+            "UPDATE ks.positions USING TIMESTAMP ? AND TTL ? SET versions = ?, alternative = ? \
              WHERE account_id = ? AND profile_id = ? AND title_id = ?"
         );
         assert_eq!(
             get_cql("ks"),
-            "SELECT versions FROM ks.positions WHERE account_id = ? AND profile_id = ? AND title_id = ?"
+            "SELECT versions, alternative FROM ks.positions WHERE account_id = ? AND profile_id = ? AND title_id = ?"
         );
         assert!(list_cql("ks").ends_with("WHERE account_id = ? AND profile_id = ?"));
         let schema = schema_cql(&config());
-        assert_eq!(schema.matches(";\n").count(), 2, "{schema}");
+        assert_eq!(schema.matches(";\n").count(), 3, "{schema}");
+        assert!(schema.ends_with(" ADD alternative blob;\n"), "{schema}");
     }
 
     #[test]
@@ -797,6 +923,42 @@ mod tests {
         );
     }
 
+    /// What `alternative` is written and read back as (the exact merge needs a read; the
+    /// column keeps the last one written, and a read keeps it only while it qualifies).
+    #[test]
+    fn the_alternative_cell_is_written_when_known_and_read_while_it_qualifies() {
+        let key = Key::new(1, 1, 1);
+        let (phone, tv) = (Value::new(2_843, 1_000, 1), Value::new(8, 9_000, 2));
+        let row = |value, alternative| StoredRow {
+            key,
+            value,
+            alternative,
+        };
+        assert_eq!(
+            alternative_cell(&row(tv, Some(phone))),
+            Some(encode_version(&phone))
+        );
+        assert_eq!(
+            alternative_cell(&row(tv, None)),
+            None,
+            "unset: the cell stays"
+        );
+        let deleted = Value::tombstone(10_000);
+        assert_eq!(
+            alternative_cell(&row(deleted, Some(phone))),
+            Some(encode_version(&deleted))
+        );
+        let cell = encode_version(&phone);
+        assert_eq!(read_row(key, tv, Some(&cell)).alternative, Some(phone));
+        // The phone wrote again since: its own old position is no alternative.
+        let phone_again = Value::new(2_900, 12_000, 1);
+        assert_eq!(read_row(key, phone_again, Some(&cell)).alternative, None);
+        assert_eq!(read_row(key, tv, None).alternative, None);
+        let tomb = encode_version(&deleted);
+        let after = read_row(key, Value::new(4, 11_000, 2), Some(&tomb));
+        assert_eq!(after.alternative, Some(deleted), "a blocker, never offered");
+    }
+
     #[test]
     fn batches_group_one_partition_each_and_respect_the_row_limit() {
         let v = Value::new(1, 1, 1);
@@ -808,6 +970,7 @@ mod tests {
         records.push(Record::new(Key::new(2, 1, 0), v));
         records.push(Record::new(Key::new(1, 1, 9), v));
         records.reverse();
+        let records: Vec<StoredRow> = records.into_iter().map(StoredRow::plain).collect();
         let groups = group_by_partition(&records, 2);
         let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![2, 2, 2, 1, 1]);
