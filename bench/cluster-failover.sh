@@ -8,7 +8,7 @@
 # the run `--verify` reads keys back through HAProxy once every key has gone idle and been
 # flushed (VERIFY_AFTER > flush.idle_ms + flush.interval_ms).
 #
-#   CASSANDRA=127.0.0.1:9042,127.0.0.2:9042,127.0.0.3:9042 CASSANDRA_DC=dc1 \
+#   CASSANDRA=127.0.0.2:9042,127.0.0.3:9042,127.0.0.4:9042 CASSANDRA_DC=dc1 \
 #   REPLICATION='{dc1=3,dc2=1}' bash bench/cluster-failover.sh
 #
 # READ_TIMEOUT_MS sets the nodes' store.read_timeout_ms (default 70): on a small shared
@@ -24,7 +24,7 @@
 # binaries (built here), haproxy. Ports 17171–3, 18181–3, 18100 and 18504 on 127.0.0.1.
 # Data under a fresh temp dir, removed at the end (KEEP=1 keeps it and the logs).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
 
 CASSANDRA=${CASSANDRA:?set CASSANDRA to the local datacenter nodes, host:port,...}
 CASSANDRA_DC=${CASSANDRA_DC:-datacenter1}
@@ -39,22 +39,7 @@ RESTART_AT=${RESTART_AT:-35}
 VERIFY_AFTER=${VERIFY_AFTER:-15}
 VERIFY_SAMPLE=${VERIFY_SAMPLE:-20000}
 CONNECTIONS=${CONNECTIONS:-2}
-SERVER_THREADS=${SERVER_THREADS:-1}
-HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
-[ -x "$HAPROXY" ] || { echo "needs haproxy (apt-get install haproxy)" >&2; exit 1; }
-
-cargo build --release -q -p playhead -p playhead-loadgen
-BIN=target/release/playhead
-LOADGEN=target/release/playhead-loadgen
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/playhead-failover.XXXXXX")
-PIDS=()
-declare -A NODE_PID
-stop_all() {
-    for pid in "${PIDS[@]}" "${NODE_PID[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}" "${NODE_PID[@]}"; do wait "$pid" 2>/dev/null || true; done
-}
-cleanup() { stop_all; if [ "${KEEP:-0}" = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi; }
-trap cleanup EXIT
+bench_init failover
 
 contact_points() { # a,b,c -> ["a","b","c"]
     local out="" p
@@ -65,27 +50,13 @@ contact_points() { # a,b,c -> ["a","b","c"]
 POINTS=$(contact_points)
 
 node() { # n: node n on HTTP 1818n, binary 1717n, data in $WORK/n$n (log appended)
-    local n=$1
-    mkdir -p "$WORK/n$n"
-    PLAYHEAD_SERVER__DATA_DIR="$WORK/n$n" PLAYHEAD_SERVER__WORKER_THREADS=$SERVER_THREADS \
-    PLAYHEAD_HTTP__LISTEN=127.0.0.1:1818$n PLAYHEAD_BINARY__LISTEN=127.0.0.1:1717$n \
-    PLAYHEAD_WAL__SYNC_MODE=group \
-    PLAYHEAD_STORE__KIND=cassandra PLAYHEAD_STORE__CASSANDRA__CONTACT_POINTS="$POINTS" \
-    PLAYHEAD_STORE__CASSANDRA__LOCAL_DATACENTER="$CASSANDRA_DC" \
-    PLAYHEAD_STORE__CASSANDRA__KEYSPACE="$KEYSPACE" \
-    PLAYHEAD_STORE__CASSANDRA__DATACENTER_REPLICATION="$REPLICATION" \
-    PLAYHEAD_STORE__CASSANDRA__CREATE_SCHEMA=true RUST_LOG=info \
-    PLAYHEAD_STORE__READ_TIMEOUT_MS=${READ_TIMEOUT_MS:-70} \
-        "$BIN" serve >>"$WORK/n$n.log" 2>&1 &
-    NODE_PID[$n]=$!
-}
-wait_http() { # url [tries of 0.1 s]
-    for _ in $(seq 1 "${2:-300}"); do
-        curl -sf -o /dev/null "$1" && return 0
-        sleep 0.1
-    done
-    echo "no answer from $1" >&2
-    exit 1
+    start_node "n$1" "1818$1" "1717$1" PLAYHEAD_WAL__SYNC_MODE=group \
+        PLAYHEAD_STORE__KIND=cassandra PLAYHEAD_STORE__CASSANDRA__CONTACT_POINTS="$POINTS" \
+        PLAYHEAD_STORE__CASSANDRA__LOCAL_DATACENTER="$CASSANDRA_DC" \
+        PLAYHEAD_STORE__CASSANDRA__KEYSPACE="$KEYSPACE" \
+        PLAYHEAD_STORE__CASSANDRA__DATACENTER_REPLICATION="$REPLICATION" \
+        PLAYHEAD_STORE__CASSANDRA__CREATE_SCHEMA=true RUST_LOG=info \
+        PLAYHEAD_STORE__READ_TIMEOUT_MS="${READ_TIMEOUT_MS:-70}"
 }
 metric() { # n name: one sample of node n's /metrics
     curl -sf "http://127.0.0.1:1818$1/metrics" | awk -v m="$2" '$1 == m { print $2 }'
@@ -98,10 +69,7 @@ sum_metric() { # name: summed over the three nodes
 
 # One at a time: concurrent CREATE KEYSPACE IF NOT EXISTS can disagree on the schema.
 for n in 1 2 3; do node "$n"; wait_http "http://127.0.0.1:1818$n/readyz"; done
-PLAYHEAD_LB_BIND=127.0.0.1:18100 PLAYHEAD_LB_STATS=127.0.0.1:18504 \
-PLAYHEAD_LB_NODE1=127.0.0.1:18181 PLAYHEAD_LB_NODE2=127.0.0.1:18182 PLAYHEAD_LB_NODE3=127.0.0.1:18183 \
-    "$HAPROXY" -db -f deploy/haproxy.cfg >"$WORK/haproxy.log" 2>&1 &
-PIDS+=($!)
+start_haproxy 127.0.0.1:18100 127.0.0.1:18504 127.0.0.1:18181 127.0.0.1:18182 127.0.0.1:18183
 wait_http "http://127.0.0.1:18100/healthz"
 
 ticks() { # pids...: their user+system CPU ticks so far
@@ -129,9 +97,9 @@ at() { sleep "$(awk -v s="$started" -v t="$1" -v now="$(date +%s.%N)" 'BEGIN { d
 
 if [ "$KILL_NODE" != 0 ]; then
 at "$KILL_AT"
-killed_cpu=$(ticks "${NODE_PID[$KILL_NODE]}")
+killed_cpu=$(ticks "${NODE_PID[n$KILL_NODE]}")
 rows_kill=$(metric "$KILL_NODE" playhead_cassandra_rows_written_total)
-kill -9 "${NODE_PID[$KILL_NODE]}"; wait "${NODE_PID[$KILL_NODE]}" 2>/dev/null || true
+kill_node "n$KILL_NODE"
 echo "killed node $KILL_NODE at $(awk -v s="$started" -v now="$(date +%s.%N)" 'BEGIN { printf "%.1f", now - s }') s (it had written $rows_kill rows)"
 at "$RESTART_AT"
 t0=$(date +%s.%N)
@@ -153,7 +121,6 @@ awk -v t="$fleet_s" -v p="$nodes_cpu" -v o="$others_cpu" -v hz="$HZ" 'BEGIN {
 for n in 1 2 3; do
     echo "node $n: store reads memory=$(metric "$n" 'playhead_store_reads_total{source="memory"}') store=$(metric "$n" 'playhead_store_reads_total{source="store"}') degraded=$(metric "$n" 'playhead_store_reads_total{source="degraded"}'), write errors $(metric "$n" 'playhead_cassandra_errors_total{op="write"}')"
 done
-for n in 1 2 3; do kill -TERM "${NODE_PID[$n]}" 2>/dev/null || true; done
-for n in 1 2 3; do wait "${NODE_PID[$n]}" 2>/dev/null || true; echo "node $n: $(grep 'shutdown complete' "$WORK/n$n.log" | tail -1 | sed 's/.*INFO //')"; done
-NODE_PID=()
+term_nodes
+for n in 1 2 3; do echo "node $n: $(grep 'shutdown complete' "$WORK/n$n.log" | tail -1 | sed 's/.*INFO //')"; done
 exit "$status"

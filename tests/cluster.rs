@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::process::{http_request, metric, HttpAnswer, Process};
+use common::process::{http_request, metric, try_http_request, HttpAnswer, Process};
 use common::TestServer;
 use playhead::ingest::auth;
 use playhead::ingest::binary::client::ring::{
@@ -56,7 +56,36 @@ impl Haproxy {
     }
 
     /// [`Haproxy::start`], with the runtime API on the Unix socket `admin` when given.
+    /// Returns once every node is up on its health checks.
     fn start_with_admin(binary: &Path, nodes: &[SocketAddr], admin: Option<&Path>) -> Self {
+        // `free_port` only says a port was free a moment ago: another test of this file,
+        // running in parallel, may have bound it since. HAProxy then exits at once saying
+        // it cannot bind, and a second pair of ports is tried.
+        for _ in 0..3 {
+            let mut proxy = Self::spawn(binary, nodes, admin);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while proxy.child.try_wait().unwrap().is_none()
+                && stats_csv(proxy.stats).is_none()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if proxy.child.try_wait().unwrap().is_some() {
+                std::thread::sleep(Duration::from_millis(50)); // the log's last lines
+                if proxy.log().contains("cannot bind") {
+                    continue;
+                }
+            }
+            proxy.wait_for(Duration::from_secs(10), "every node up", |states| {
+                states.iter().all(|s| s == "UP")
+            });
+            return proxy;
+        }
+        panic!("haproxy could not bind a free port in 3 tries");
+    }
+
+    /// Starts HAProxy on two ports that were free a moment ago; does not wait for it.
+    fn spawn(binary: &Path, nodes: &[SocketAddr], admin: Option<&Path>) -> Self {
         let (addr, stats) = (free_port(), free_port());
         let mut cmd = Command::new(binary);
         if let Some(admin) = admin {
@@ -87,16 +116,19 @@ impl Haproxy {
                 }
             });
         }
-        let mut proxy = Self {
+        Self {
             child,
             addr,
             stats,
             log,
-        };
-        proxy.wait_for(Duration::from_secs(10), "every node up", |states| {
-            states.iter().all(|s| s == "UP")
-        });
-        proxy
+        }
+    }
+
+    /// SIGKILL, as a crashed or lost load balancer: its connections are cut, nothing is
+    /// handed over.
+    fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL haproxy");
+        self.child.wait().unwrap();
     }
 
     fn log(&self) -> String {
@@ -419,6 +451,243 @@ fn one_accounts_devices_share_a_node_through_haproxy_and_move_when_it_dies() {
     assert_eq!(resume["updated_at_ms"], tv_last_ms, "{resume}");
     // Device names live in memory only (docs/api.md, `api.max_device_names`).
     assert!(resume.get("last_device_id").is_none(), "{resume}");
+}
+
+/// What one client of [`two_haproxies_route_alike_and_losing_one_loses_nothing_acknowledged`]
+/// saw.
+#[derive(Debug, Default)]
+struct ClientRun {
+    account: u64,
+    /// Heartbeats acknowledged (204), in order; the last is the newest.
+    acked: u32,
+    /// Acknowledged after the client had switched proxies.
+    acked_after_switch: u32,
+    /// Requests that got no answer (connection refused or cut) and were sent again.
+    failed: u32,
+    /// On switching: what the other proxy's first read answered, and the newest heartbeat
+    /// acknowledged before (the position), and the one in flight when the proxy died.
+    switch_read: Option<(u64, u32, u32)>,
+}
+
+/// One heartbeat of a two-device client: position `100 + seq`, stamped `seq` seconds after
+/// `base_ms`, from the phone on even and the TV on odd numbers (each with its own token).
+fn device_beat(seq: u32, base_ms: u64) -> (String, bool) {
+    let from_phone = seq.is_multiple_of(2);
+    let device = if from_phone { "phone" } else { "tv" };
+    let body = format!(
+        r#"{{"movie_id":"inception","position_seconds":{},"device_id":"{device}","timestamp_ms":{}}}"#,
+        100 + seq,
+        base_ms + 1_000 * u64::from(seq)
+    );
+    (body, from_phone)
+}
+
+/// A request through one proxy: the node that answered, or `None` when the proxy did not
+/// answer at all (refused, cut, or no header: the connection died).
+fn through(
+    proxy: SocketAddr,
+    method: &str,
+    token: &str,
+    body: Option<&str>,
+) -> Option<(usize, HttpAnswer)> {
+    let path = if method == "POST" {
+        "/api/v1/stream/progress"
+    } else {
+        "/api/v1/stream?movie_id=inception"
+    };
+    let answer = try_http_request(proxy, method, path, Some(token), body).ok()?;
+    let node = answer
+        .header("x-playhead-node")
+        .and_then(|n| n.strip_prefix("node").and_then(|n| n.parse::<usize>().ok()))?;
+    Some((node - 1, answer))
+}
+
+/// A device client that knows two proxy addresses (as DNS with two records gives it) and
+/// goes to the other one when its proxy does not answer, sending the unanswered request
+/// again (a heartbeat is idempotent). After each acknowledged heartbeat it reads the
+/// position back; every answer must come from `owner` and be the newest acknowledged
+/// heartbeat. Runs until `stop`, bounded by 60 s.
+fn device_client(
+    proxies: [SocketAddr; 2],
+    first: usize,
+    account: u64,
+    owner: usize,
+    acked: &std::sync::atomic::AtomicU32,
+    stop: &std::sync::atomic::AtomicBool,
+) -> ClientRun {
+    use std::sync::atomic::Ordering;
+    let (phone, tv) = (token(account, 1, 600), token(account, 1, 900));
+    let base_ms = now_ms() - 600_000;
+    let mut run = ClientRun {
+        account,
+        ..ClientRun::default()
+    };
+    let mut current = first;
+    let mut switched = false;
+    let started = Instant::now();
+    let mut seq = 0u32;
+    while !stop.load(Ordering::SeqCst) {
+        assert!(started.elapsed() < Duration::from_secs(60), "{run:?}");
+        let (body, from_phone) = device_beat(seq, base_ms);
+        let token = if from_phone { &phone } else { &tv };
+        let Some((node, answer)) = through(proxies[current], "POST", token, Some(&body)) else {
+            run.failed += 1;
+            assert!(run.failed <= 20, "no proxy answers: {run:?}");
+            if !switched {
+                // The other proxy's first answer: the newest acknowledged heartbeat (or
+                // the one in flight, had the dead proxy passed it on before dying).
+                switched = true;
+                current = 1 - current;
+                let (node, read) = through(proxies[current], "GET", &tv, None)
+                    .unwrap_or_else(|| panic!("the other proxy does not answer: {run:?}"));
+                assert_eq!((node, read.status), (owner, 200), "{run:?}");
+                let position = read.json()["resume_position_seconds"].as_u64().unwrap();
+                let newest_acked = if run.acked > 0 { 100 + seq - 1 } else { 0 };
+                run.switch_read = Some((position, newest_acked, 100 + seq));
+            } else {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            continue; // the same heartbeat again
+        };
+        assert_eq!((node, answer.status), (owner, 204), "{answer:?}");
+        run.acked += 1;
+        run.acked_after_switch += u32::from(switched);
+        acked.fetch_add(1, Ordering::SeqCst);
+        // Read it back through the same proxy (a device asking where to resume).
+        let Some((node, read)) = through(proxies[current], "GET", token, None) else {
+            seq += 1;
+            continue; // the proxy died in between: the next heartbeat notices
+        };
+        assert_eq!((node, read.status), (owner, 200), "{read:?}");
+        let v = read.json();
+        assert_eq!(v["resume_position_seconds"], 100 + seq, "{run:?}: {v}");
+        assert_eq!(
+            v["updated_at_ms"],
+            base_ms + 1_000 * u64::from(seq),
+            "{run:?}: {v}"
+        );
+        seq += 1;
+    }
+    run
+}
+
+/// Two HAProxy instances from the same `deploy/haproxy.cfg` (what docs/deploy.md tells
+/// operators to run) send every account to the same node, the ring's; when one is
+/// `kill -9`'d mid-run, the devices that were using it go to the other and are answered
+/// by their account's node, with the newest position they had been acknowledged.
+#[test]
+fn two_haproxies_route_alike_and_losing_one_loses_nothing_acknowledged() {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let Some(haproxy) = common::system_tool("haproxy", "haproxy") else {
+        return;
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Process> = dirs.iter().map(|d| start_node(d.path(), None)).collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.http).collect();
+    let mut first = Haproxy::start(&haproxy, &addrs);
+    let second = Haproxy::start(&haproxy, &addrs);
+
+    // The mapping is a function of the file and the token: both instances agree with
+    // each other and with the ring on every sampled account.
+    let ring = haproxy_ring();
+    for &a in &sample_accounts() {
+        let expect = ring.node_of(a, |_| true).unwrap();
+        let got = (haproxy_node_of(&first, a), haproxy_node_of(&second, a));
+        assert_eq!(got, (expect, expect), "account {a}");
+    }
+
+    // Two accounts per node; of each node's two, one starts on each proxy.
+    let mut accounts: Vec<(u64, usize)> = Vec::new();
+    for owner in 0..NODES {
+        accounts.extend(
+            (10_000..)
+                .filter(|&a| ring.node_of(a, |_| true) == Some(owner))
+                .take(2)
+                .map(|a| (a, owner)),
+        );
+    }
+    let proxies = [first.addr, second.addr];
+    let acked: Vec<AtomicU32> = accounts.iter().map(|_| AtomicU32::new(0)).collect();
+    let stop = AtomicBool::new(false);
+    let runs: Vec<ClientRun> = std::thread::scope(|scope| {
+        let clients: Vec<_> = accounts
+            .iter()
+            .zip(&acked)
+            .enumerate()
+            .map(|(i, (&(account, owner), acked))| {
+                let stop = &stop;
+                scope.spawn(move || device_client(proxies, i % 2, account, owner, acked, stop))
+            })
+            .collect();
+        // Mid-run: once every client has 10 heartbeats acknowledged, the first proxy dies;
+        // the run goes on until every client has 10 more.
+        let wait_all = |at_least: u32| {
+            let started = Instant::now();
+            while acked.iter().any(|a| a.load(Ordering::SeqCst) < at_least) {
+                let stuck = clients.iter().any(|c| c.is_finished());
+                assert!(
+                    !stuck && started.elapsed() < Duration::from_secs(30),
+                    "clients stuck or failed below {at_least} heartbeats: {acked:?}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        wait_all(10);
+        let before: Vec<u32> = acked.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+        first.kill9();
+        wait_all(before.iter().max().unwrap() + 10);
+        stop.store(true, Ordering::SeqCst);
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    assert!(
+        try_http_request(first.addr, "GET", "/healthz", None, None).is_err(),
+        "the killed proxy still answers"
+    );
+
+    for (i, run) in runs.iter().enumerate() {
+        eprintln!("client {i} (first proxy {}): {run:?}", i % 2);
+        assert!(run.acked_after_switch >= 10 || i % 2 == 1, "{run:?}");
+        if i % 2 == 0 {
+            // It was on the killed proxy: it noticed, switched once, and the other proxy's
+            // first answer was its newest acknowledged heartbeat — or the one in flight,
+            // when the proxy had passed it on before it died.
+            let (read, newest_acked, in_flight) = run.switch_read.expect("never switched");
+            assert!(
+                read == u64::from(newest_acked) || read == u64::from(in_flight),
+                "{run:?}"
+            );
+        } else {
+            assert_eq!((run.failed, run.switch_read), (0, None), "{run:?}");
+        }
+    }
+    // At the end, the survivor and each owner itself answer every account's newest
+    // acknowledged position.
+    for (run, &(account, owner)) in runs.iter().zip(&accounts) {
+        assert_eq!(run.account, account);
+        let newest = u64::from(100 + run.acked - 1);
+        let (node, read) = through(second.addr, "GET", &token(account, 1, 600), None).unwrap();
+        assert_eq!(node, owner);
+        assert_eq!(read.json()["resume_position_seconds"], newest, "{run:?}");
+        let direct = nodes[owner].http(
+            "GET",
+            "/api/v1/stream?movie_id=inception",
+            Some(&token(account, 1, 600)),
+            None,
+        );
+        assert_eq!(direct.json()["resume_position_seconds"], newest, "{run:?}");
+    }
+    // Every heartbeat reached its account's node and no other: each node counted those of
+    // its own accounts, plus at most one per request the dead proxy left unanswered (it
+    // may have passed it on), sent again.
+    for (n, node) in nodes.iter().enumerate() {
+        let own = runs.iter().zip(&accounts).filter(|(_, &(_, o))| o == n);
+        let (acked, failed) = own.fold((0, 0), |(a, f), (r, _)| (a + r.acked, f + r.failed));
+        let counted = answered(node, "post_progress", 204) as u32;
+        assert!(
+            (acked..=acked + failed).contains(&counted),
+            "node {n}: counted {counted}, clients acked {acked} (+ {failed} unanswered)"
+        );
+    }
 }
 
 /// The leave and join procedures of docs/deploy.md move accounts with HAProxy's runtime API:

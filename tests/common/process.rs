@@ -267,6 +267,43 @@ pub fn http_request(
     token: Option<&str>,
     body: Option<&str>,
 ) -> HttpAnswer {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(request_bytes(method, path, token, body).as_bytes())
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse_answer(&raw)
+}
+
+/// [`http_request`] for a client that outlives its peer: a refused or reset connection,
+/// or one closed before a status line came, is an error to act on (try elsewhere), not a
+/// panic nor an answer.
+pub fn try_http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> std::io::Result<HttpAnswer> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.write_all(request_bytes(method, path, token, body).as_bytes())?;
+    let mut raw = Vec::new();
+    let read = s.read_to_end(&mut raw);
+    let answer = parse_answer(&raw);
+    match read {
+        Err(e) if answer.status == 0 => Err(e),
+        _ if answer.status == 0 => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before an HTTP status line",
+        )),
+        _ => Ok(answer),
+    }
+}
+
+/// One HTTP/1.1 request that closes its connection after the answer.
+fn request_bytes(method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> String {
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n");
     if let Some(t) = token {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
@@ -276,12 +313,7 @@ pub fn http_request(
         req.push_str("Content-Type: application/json\r\n");
     }
     req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    parse_answer(&raw)
+    req
 }
 
 pub fn parse_answer(raw: &[u8]) -> HttpAnswer {
