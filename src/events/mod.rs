@@ -283,12 +283,18 @@ impl Publisher {
             EventsKind::Nats => {
                 let config = config.clone();
                 let (sink, thread) =
-                    ClientThread::start(nice, async move { nats::NatsSink::connect(&config).await })
-                        .await?;
+                    ClientThread::start(
+                        nice,
+                        async move { nats::NatsSink::connect(&config).await },
+                    )
+                    .await?;
                 (Arc::new(sink), thread)
             }
         };
-        Ok(Some((Self::new(sink, config, catalog, completed_ratio), thread)))
+        Ok(Some((
+            Self::new(sink, config, catalog, completed_ratio),
+            thread,
+        )))
     }
 
     pub fn sink_name(&self) -> &'static str {
