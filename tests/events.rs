@@ -31,6 +31,9 @@ fn events_on(nats: &Nats) -> Vec<(&'static str, String)> {
         o("EVENTS__URL", nats.url()),
         o("EVENTS__ACK_TIMEOUT_MS", 1_000),
         o("EVENTS__CONNECT_TIMEOUT_MS", 500),
+        // nats-server refuses a stream larger than its JetStream store may grow (by default
+        // 75 % of the free disk), so the default 16 GiB stream fails on a fuller disk.
+        o("EVENTS__MAX_BYTES", 256 << 20),
         o("FLUSH__INTERVAL_MS", 100),
         o("FLUSH__IDLE_MS", 0),
         o("FLUSH__RETRY_INITIAL_MS", 20),
