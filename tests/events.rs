@@ -74,6 +74,22 @@ fn readyz(p: &Process) -> serde_json::Value {
 }
 
 /// Waits until `check` holds for the metrics page.
+/// Waits (up to 60 s) until every key is stored and every row the flushes wrote is
+/// published, none pending.
+fn wait_all_published(p: &Process) {
+    wait_metrics(
+        p,
+        "every flushed row published",
+        Duration::from_secs(60),
+        |m| {
+            metric(m, "playhead_events_pending") == 0.0
+                && metric(m, "playhead_events_published_total")
+                    == metric(m, "playhead_flush_rows_total")
+                && metric(m, "playhead_coalescer_keys{state=\"dirty\"}") == 0.0
+        },
+    );
+}
+
 fn wait_metrics(p: &Process, what: &str, limit: Duration, check: impl Fn(&str) -> bool) {
     let deadline = Instant::now() + limit;
     loop {
@@ -289,17 +305,7 @@ fn a_nats_outage_blocks_neither_ingest_nor_reads_and_loses_no_event() {
     );
     nats.restart();
     post_round(&p, accounts.clone(), 90, base + 9);
-    wait_metrics(
-        &p,
-        "every flushed row published",
-        Duration::from_secs(60),
-        |m| {
-            metric(m, "playhead_events_pending") == 0.0
-                && metric(m, "playhead_events_published_total")
-                    == metric(m, "playhead_flush_rows_total")
-                && metric(m, "playhead_coalescer_keys{state=\"dirty\"}") == 0.0
-        },
-    );
+    wait_all_published(&p);
     let ready = readyz(&p);
     assert_eq!(ready["events"], "ok", "{ready}");
     p.stop_clean();
@@ -478,17 +484,7 @@ fn a_long_outage_meets_the_overload_rules_and_loses_nothing() {
     assert!(refused.body.contains("overloaded"), "{}", refused.body);
     assert!(refused.header("retry-after").is_some(), "{}", refused.head);
     nats.restart();
-    wait_metrics(
-        &p,
-        "every flushed row published",
-        Duration::from_secs(60),
-        |m| {
-            metric(m, "playhead_events_pending") == 0.0
-                && metric(m, "playhead_events_published_total")
-                    == metric(m, "playhead_flush_rows_total")
-                && metric(m, "playhead_coalescer_keys{state=\"dirty\"}") == 0.0
-        },
-    );
+    wait_all_published(&p);
     post(&p, 41, "inception", 5, base + 1_000);
     p.stop_clean();
     let events = nats.events(STREAM, 41, Duration::from_secs(60));

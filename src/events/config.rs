@@ -165,14 +165,8 @@ impl EventsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::tests::env;
     use crate::config::Config;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     #[test]
     fn events_are_off_by_default_and_load_from_the_environment() {
