@@ -255,7 +255,35 @@ pub async fn run_fleet(
         let (args, titles, live) = (args.clone(), Arc::clone(titles), Arc::clone(live));
         tasks.spawn(async move { fleet_connection(&args, &titles, &live, window, fleet).await });
     }
-    crate::workload::gather(tasks, "batch").await
+    let mut done = Vec::with_capacity(connections as usize);
+    while let Some(joined) = tasks.join_next().await {
+        done.push(joined??);
+    }
+    // Only now, with every connection's last answer in: see [`FleetDone`].
+    let mut outcome = Outcome::new("batch");
+    for FleetDone {
+        mut stats,
+        fleet,
+        tick,
+    } in done
+    {
+        stats.due += fleet.owed_from(tick, window);
+        let (expected, unverifiable) = fleet.expected();
+        outcome.add(&stats, expected, unverifiable);
+    }
+    Ok(outcome)
+}
+
+/// What a fleet connection hands back once its last answer is in: its stats, its viewers
+/// and the tick it stopped at. What the window owed from that tick on and the keys to
+/// verify are computed from them after *every* connection is done: sorting one
+/// connection's millions of keys takes hundreds of milliseconds on the generator's thread,
+/// and done inside the task it held back the answers of the connections still running,
+/// which then counted 0.4–2 s of latency in the window's last second (BENCHMARKS.md).
+struct FleetDone {
+    stats: TaskStats,
+    fleet: Fleet,
+    tick: u64,
 }
 
 async fn fleet_connection(
@@ -264,10 +292,14 @@ async fn fleet_connection(
     live: &Live,
     window: Window,
     mut fleet: Fleet,
-) -> anyhow::Result<(TaskStats, Vec<Expected>, u64)> {
+) -> anyhow::Result<FleetDone> {
     let mut stats = TaskStats::new();
     if fleet.len() == 0 {
-        return Ok((stats, Vec::new(), 0));
+        return Ok(FleetDone {
+            stats,
+            fleet,
+            tick: 0,
+        });
     }
     if !args.servers.is_empty() {
         return fleet_cluster_connection(args, titles, live, window, fleet).await;
@@ -361,15 +393,14 @@ async fn fleet_connection(
             }
         }
     }
-    // Ticks inside the window that the generator never reached were due all the same.
-    stats.due += fleet.owed_from(tick, window);
     for (_, sent) in &pending {
         for s in sent {
             fleet.unacknowledged(s);
         }
     }
-    let (expected, unverifiable) = fleet.expected();
-    Ok((stats, expected, unverifiable))
+    // Ticks inside the window that the generator never reached were due all the same:
+    // counted by `run_fleet`, from `tick`.
+    Ok(FleetDone { stats, fleet, tick })
 }
 
 /// `fleet --servers`: each tick's heartbeats go through a [`ClusterClient`], which sends
@@ -382,7 +413,7 @@ async fn fleet_cluster_connection(
     live: &Live,
     window: Window,
     mut fleet: Fleet,
-) -> anyhow::Result<(TaskStats, Vec<Expected>, u64)> {
+) -> anyhow::Result<FleetDone> {
     let mut stats = TaskStats::new();
     let nodes = ClusterNode::numbered(&args.servers);
     let mut cluster =
@@ -417,7 +448,6 @@ async fn fleet_cluster_connection(
             }
         }
     }
-    stats.due += fleet.owed_from(tick, window);
     if rerouted > 0 {
         for node in cluster.status().iter().filter(|n| n.failures > 0) {
             eprintln!(
@@ -431,8 +461,7 @@ async fn fleet_cluster_connection(
         }
         eprintln!("cluster: {rerouted} records re-routed to another node");
     }
-    let (expected, unverifiable) = fleet.expected();
-    Ok((stats, expected, unverifiable))
+    Ok(FleetDone { stats, fleet, tick })
 }
 
 /// Books one [`ClusterClient::write_batch`] answer for the heartbeats in `sent`.

@@ -48,19 +48,30 @@ pub async fn gather(
     mut tasks: tokio::task::JoinSet<TaskResult>,
     latency_of: &'static str,
 ) -> anyhow::Result<Outcome> {
-    let mut outcome = Outcome {
-        stats: TaskStats::new(),
-        latency_of,
-        expected: Vec::new(),
-        unverifiable: 0,
-    };
+    let mut outcome = Outcome::new(latency_of);
     while let Some(done) = tasks.join_next().await {
         let (stats, expected, unverifiable) = done??;
-        outcome.stats.merge(&stats);
-        outcome.expected.extend(expected);
-        outcome.unverifiable += unverifiable;
+        outcome.add(&stats, expected, unverifiable);
     }
     Ok(outcome)
+}
+
+impl Outcome {
+    pub fn new(latency_of: &'static str) -> Self {
+        Outcome {
+            stats: TaskStats::new(),
+            latency_of,
+            expected: Vec::new(),
+            unverifiable: 0,
+        }
+    }
+
+    /// Merges one connection's share.
+    pub fn add(&mut self, stats: &TaskStats, expected: Vec<Expected>, unverifiable: u64) {
+        self.stats.merge(stats);
+        self.expected.extend(expected);
+        self.unverifiable += unverifiable;
+    }
 }
 
 pub fn titles(args: &Args) -> anyhow::Result<Arc<Vec<LoadTitle>>> {
