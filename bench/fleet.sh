@@ -10,8 +10,9 @@
 #   BIN=/tmp/playhead-a OUT=target/fleet-a VIEWERS=10000000 PEER=0 bash bench/fleet.sh
 #                                             # another server build, results kept apart
 #
-# Server: PLAYHEAD_SERVER__WORKER_THREADS=${SERVER_THREADS:-1}, otherwise its defaults, data
-# under a fresh temp dir on the work disk. Generator: --threads ${LOADGEN_THREADS:-1}.
+# Server: PLAYHEAD_SERVER__WORKER_THREADS=${SERVER_THREADS:-2} (the server's own default on
+# this 2-core machine; with 1 the 10 M rung's p99 was 2-10x worse, BENCHMARKS.md, "The 10 M
+# tail, third look"), otherwise its defaults, data under a fresh temp dir on the work disk. Generator: --threads ${LOADGEN_THREADS:-1}.
 # Each rung prints: due (heartbeats scheduled in the measured window, pauses excluded),
 # acknowledged among them, ratio, batch p50/p99, keys in memory (dirty+clean) at 1/4, 1/2
 # and the end of the run, store rows/s, log MB/s written, RSS (and bytes per key held),
@@ -26,7 +27,7 @@ VIEWERS=${VIEWERS:-"1000000 4000000 10000000 30000000"}
 DURATION=${DURATION:-60}
 WARMUP=${WARMUP:-15}
 CONNECTIONS=${CONNECTIONS:-8}
-SERVER_THREADS=${SERVER_THREADS:-1}
+SERVER_THREADS=${SERVER_THREADS:-2}
 LOADGEN_THREADS=${LOADGEN_THREADS:-1}
 MODE=${MODE:-periodic}
 PEER=${PEER:-1}

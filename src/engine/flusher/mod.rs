@@ -671,9 +671,44 @@ pub async fn purge_loop(shared: Arc<Shared>) {
     }
 }
 
+/// What the log guard weighs before a snapshot ([`worth_a_snapshot`]).
+#[derive(Clone, Copy, Debug)]
+struct LogState {
+    /// Segment bytes on disk.
+    on_disk: u64,
+    /// `wal.snapshot_after_bytes`.
+    limit: u64,
+    /// What the snapshot would write: 40 bytes per dirty key.
+    snapshot_bytes: u64,
+    /// Bytes appended to the log over the last `flush.idle_ms + 2 × flush.interval_ms`:
+    /// about what a healthy flusher keeps, since every key written longer ago than that is
+    /// idle and stored by now, or rewritten since (its older records superseded).
+    recent_bytes: u64,
+    /// Whether flush cycles keep completing at their pace: the last one completed within
+    /// three times the longer of `flush.interval_ms` and the time between the last two
+    /// (capped at [`STALLED_AFTER`]): cycles of 3–8 s at 10 M viewers are healthy, a store
+    /// outage completes none.
+    flushing_well: bool,
+}
+
+/// Whether the log guard should snapshot. Past the limit, and only where the snapshot is
+/// much smaller than the log it replaces ([`SNAPSHOT_GAIN`]) — and not while the flusher
+/// keeps up and the log holds no more than twice its recent ingest: that log is the one a
+/// healthy flusher keeps, it drops its oldest segments within a cycle or two by itself, and
+/// it comes back to the same size a few seconds after a snapshot. At 10 M viewers (2.3 M
+/// heartbeats/s, 8.6 M dirty keys) that log is 1.05–1.6 GB, across the 1.38 GB the rule
+/// without this clause snapshots at: two 5-minute runs wrote 13 and 22 snapshots of 345 MB
+/// (with it: 4), and every 60 s run with one inside its window had a batch p99 of
+/// 161–1 650 ms, against 44–125 ms without (BENCHMARKS.md, "The 10 M tail, third look").
+fn worth_a_snapshot(log: LogState) -> bool {
+    log.on_disk > log.limit
+        && log.on_disk >= SNAPSHOT_GAIN.saturating_mul(log.snapshot_bytes)
+        && !(log.flushing_well && log.on_disk <= 2 * log.recent_bytes)
+}
+
 /// Keeps the commit log within `wal.snapshot_after_bytes`: when the segments on disk
 /// exceed it, writes a snapshot of every key in memory (O(keys), not O(writes)) and drops
-/// the segments it covers.
+/// the segments it covers ([`worth_a_snapshot`] says when).
 ///
 /// Two things take the log past the limit. The store is down or behind, so flush cycles
 /// stop completing and the log would grow without bound: that is worth a warning. Or
@@ -687,12 +722,29 @@ pub async fn log_guard_loop(shared: Arc<Shared>) {
     // means none completed for a while, not within one check.
     let stalled_after =
         Duration::from_millis(2 * shared.config.flush.interval_ms).max(STALLED_AFTER);
+    let interval = Duration::from_millis(shared.config.flush.interval_ms.max(1));
+    let kept_window =
+        Duration::from_millis(shared.config.flush.idle_ms + 2 * shared.config.flush.interval_ms);
     let cycles = || shared.stats.flush_cycles.load(Ordering::Relaxed);
+    let appended = || shared.wal.stats().appended_bytes.load(Ordering::Relaxed);
     let (mut cycles_seen, mut progressed_at) = (cycles(), Instant::now());
+    // How long the last cycles took, as the guard saw them complete.
+    let mut pace = interval;
+    // (when, bytes appended by then), one per check, covering `kept_window`.
+    let mut appended_at: VecDeque<(Instant, u64)> = VecDeque::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(LOG_GUARD_EVERY) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let now = Instant::now();
+        let appended_now = appended();
+        appended_at.push_back((now, appended_now));
+        while appended_at
+            .get(1)
+            .is_some_and(|&(at, _)| now.duration_since(at) >= kept_window)
+        {
+            appended_at.pop_front();
         }
         let on_disk = shared
             .wal
@@ -701,14 +753,19 @@ pub async fn log_guard_loop(shared: Arc<Shared>) {
             .load(Ordering::Relaxed);
         let completed = cycles();
         if completed != cycles_seen {
-            (cycles_seen, progressed_at) = (completed, Instant::now());
+            // At most STALLED_AFTER: a first cycle long after the start (an idle node) must
+            // not make a later outage look healthy for minutes.
+            pace = now.duration_since(progressed_at).min(STALLED_AFTER);
+            (cycles_seen, progressed_at) = (completed, now);
         }
-        if on_disk <= limit {
-            continue;
-        }
-        // Worth it only where the snapshot is much smaller than the log it replaces.
-        let snapshot_bytes = shared.coalescer.dirty_len() as u64 * Record::ENCODED_BYTES as u64;
-        if on_disk < SNAPSHOT_GAIN.saturating_mul(snapshot_bytes) {
+        let log = LogState {
+            on_disk,
+            limit,
+            snapshot_bytes: shared.coalescer.dirty_len() as u64 * Record::ENCODED_BYTES as u64,
+            recent_bytes: appended_now - appended_at.front().map_or(appended_now, |&(_, b)| b),
+            flushing_well: progressed_at.elapsed() < 3 * pace.max(interval),
+        };
+        if !worth_a_snapshot(log) {
             continue;
         }
         let stalled = progressed_at.elapsed();
@@ -766,6 +823,50 @@ mod tests {
         switch.fail_next_syncs(failures);
         let (engine, _) = Engine::open(config, Arc::new(store)).unwrap();
         (engine, switch)
+    }
+
+    /// The 10 M-viewer fleet's log (BENCHMARKS.md): 8.6 M dirty keys, 2.3 M heartbeats/s
+    /// of 40 bytes over `idle_ms + 2 × interval_ms` = 12 s, and a healthy flusher keeping
+    /// 1.4 GB of it (1.05–1.6 GB measured), past both the 1 GiB limit and four times the
+    /// 344 MB snapshot.
+    const FLEET_10M: LogState = LogState {
+        on_disk: 1_400_000_000,
+        limit: 1 << 30,
+        snapshot_bytes: 8_600_000 * 40,
+        recent_bytes: 2_300_000 * 40 * 12,
+        flushing_well: true,
+    };
+
+    #[test]
+    fn a_healthy_flushers_log_is_not_snapshotted_but_a_stuck_one_is() {
+        assert!(!worth_a_snapshot(FLEET_10M));
+        // The store went down: no cycle completes, and the log grows from there.
+        let stuck = LogState {
+            flushing_well: false,
+            ..FLEET_10M
+        };
+        assert!(worth_a_snapshot(stuck));
+        // Cycles complete but fall behind (a capped pick, a slow store): the log outgrows
+        // twice what a healthy flusher keeps.
+        let behind = LogState {
+            on_disk: 2 * FLEET_10M.recent_bytes + 1,
+            ..FLEET_10M
+        };
+        assert!(worth_a_snapshot(behind));
+        // Within the limit, or where the snapshot would be nearly as large as the log:
+        // never, healthy or not.
+        for log in [
+            LogState {
+                on_disk: 1 << 30,
+                ..stuck
+            },
+            LogState {
+                snapshot_bytes: 400_000_000,
+                ..stuck
+            },
+        ] {
+            assert!(!worth_a_snapshot(log), "{log:?}");
+        }
     }
 
     fn records(n: u64) -> Vec<Record> {
