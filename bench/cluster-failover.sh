@@ -15,7 +15,10 @@
 # machine the verify's Cassandra reads can miss 70 ms and answer `degraded` (position 0).
 # The verify asks a degraded answer again (5 times, 3 s in all) and reports the keys right
 # on a retry apart ("degraded then right"); a wrong answer, or one degraded every time, is a
-# mismatch.
+# mismatch. A verify request whose connection fails (HAProxy cuts a node's connections when
+# it marks the node down) is sent again on a new connection, up to 5 times; the report
+# counts them ("sent again on a new connection") and the answer is judged like any other.
+# The end prints HAProxy's node state changes during the run (its log).
 # KILL_NODE=0 runs without a kill (a capacity run). CPU_PIDS="pid pid …" (e.g. the Cassandra
 # nodes' JVMs) reports the cores those processes used during the fleet, next to the
 # Playhead nodes' own (the killed node's only up to its kill).
@@ -121,6 +124,9 @@ awk -v t="$fleet_s" -v p="$nodes_cpu" -v o="$others_cpu" -v hz="$HZ" 'BEGIN {
 for n in 1 2 3; do
     echo "node $n: store reads memory=$(metric "$n" 'playhead_store_reads_total{source="memory"}') store=$(metric "$n" 'playhead_store_reads_total{source="store"}') degraded=$(metric "$n" 'playhead_store_reads_total{source="degraded"}'), write errors $(metric "$n" 'playhead_cassandra_errors_total{op="write"}')"
 done
+# HAProxy logs each change twice (its alert on stderr, its log on stdout): the alerts only.
+transitions=$(grep '^\[WARNING\]' "$WORK/haproxy.log" | grep -o 'Server playhead/node[0-9] is [A-Z]*' | sed 's|Server playhead/||' | paste -sd, - || true)
+echo "HAProxy's node state changes: ${transitions:-none}"
 term_nodes
 for n in 1 2 3; do echo "node $n: $(grep 'shutdown complete' "$WORK/n$n.log" | tail -1 | sed 's/.*INFO //')"; done
 exit "$status"

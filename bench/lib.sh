@@ -15,8 +15,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 SERVER_THREADS=${SERVER_THREADS:-1}
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
-BIN=target/release/playhead
-LOADGEN=target/release/playhead-loadgen
+# Where `cargo build --release` puts them: CARGO_TARGET_DIR when set (e.g. a release
+# target kept apart from the debug one), else target/.
+BIN=${CARGO_TARGET_DIR:-target}/release/playhead
+LOADGEN=${CARGO_TARGET_DIR:-target}/release/playhead-loadgen
 # Background processes to kill -9 at exit: HAProxy, generators (PIDS), and the nodes by
 # name (NODE_PID), so a script can kill, restart or stop one node by its name.
 PIDS=()

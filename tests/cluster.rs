@@ -208,17 +208,6 @@ impl Haproxy {
     }
 }
 
-/// One command on HAProxy's runtime API (`PLAYHEAD_LB_ADMIN_SOCKET`); returns its answer.
-fn admin_command(socket: &Path, command: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket)
-        .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()));
-    stream.write_all(format!("{command}\n").as_bytes()).unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    answer
-}
-
 /// The stats page as CSV (HAProxy sends it chunked); `None` while nothing listens.
 fn stats_csv(addr: SocketAddr) -> Option<String> {
     use std::io::{Read, Write};
@@ -690,15 +679,47 @@ fn two_haproxies_route_alike_and_losing_one_loses_nothing_acknowledged() {
     }
 }
 
-/// The leave and join procedures of docs/deploy.md move accounts with HAProxy's runtime API:
-/// `set server playhead/nodeN state maint` sends exactly the accounts of node N to the
-/// ring's next nodes (what a gateway's ring without node N computes), and `state ready`
-/// gives them back.
+/// The runbook's commands (docs/deploy.md, leave and lost node), as an operator types them;
+/// the test runs them with its own socket in place of this path.
+const RUNBOOK_SOCKET: &str = "/run/haproxy/playhead-admin.sock";
+const RUNBOOK_MAINT: &str = r#"echo "set server playhead/node3 state maint" | socat stdio /run/haproxy/playhead-admin.sock"#;
+const RUNBOOK_READY: &str = r#"echo "set server playhead/node3 state ready" | socat stdio /run/haproxy/playhead-admin.sock"#;
+
+/// One of the runbook's commands through `sh`, on `socket`; returns what it printed.
+fn runbook_command(command: &str, socket: &Path) -> String {
+    let command = command.replace(RUNBOOK_SOCKET, &socket.display().to_string());
+    let out = std::process::Command::new("sh")
+        .args(["-c", &command])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{command}`: {e}"));
+    assert!(
+        out.status.success(),
+        "`{command}`: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The leave and join procedures of docs/deploy.md move accounts with HAProxy's runtime API,
+/// by the runbook's own `socat` commands: `set server playhead/node3 state maint` sends
+/// exactly the accounts of node 3 to the ring's next nodes (what a gateway's ring without
+/// node 3 computes), and `state ready` gives them back.
 #[test]
 fn the_admin_socket_takes_a_node_out_and_back_as_the_ring_does() {
+    let deploy = std::fs::read_to_string("docs/deploy.md").unwrap();
+    for command in [RUNBOOK_MAINT, RUNBOOK_READY] {
+        assert!(
+            deploy.contains(command),
+            "docs/deploy.md no longer says `{command}`"
+        );
+    }
     let Some(haproxy) = common::system_tool("haproxy", "haproxy") else {
         return;
     };
+    if common::system_tool("socat", "socat").is_none() {
+        return;
+    }
     let dirs: Vec<tempfile::TempDir> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
     let nodes: Vec<Process> = dirs.iter().map(|d| start_node(d.path(), None)).collect();
     let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.http).collect();
@@ -707,10 +728,10 @@ fn the_admin_socket_takes_a_node_out_and_back_as_the_ring_does() {
     let mut proxy = Haproxy::start_with_admin(&haproxy, &addrs, Some(&socket));
     let ring = haproxy_ring();
     let accounts = sample_accounts();
-    let leaving = 1;
-    let answer = admin_command(&socket, "set server playhead/node2 state maint");
+    let leaving = 2;
+    let answer = runbook_command(RUNBOOK_MAINT, &socket);
     assert!(answer.trim().is_empty(), "{answer}");
-    proxy.wait_for(Duration::from_secs(5), "node 2 in maintenance", |s| {
+    proxy.wait_for(Duration::from_secs(5), "node 3 in maintenance", |s| {
         s[leaving].starts_with("MAINT")
     });
     for &a in &accounts {
@@ -718,12 +739,12 @@ fn the_admin_socket_takes_a_node_out_and_back_as_the_ring_does() {
         assert_eq!(
             haproxy_node_of(&proxy, a),
             expect,
-            "account {a}, node 2 out"
+            "account {a}, node 3 out"
         );
     }
-    let answer = admin_command(&socket, "set server playhead/node2 state ready");
+    let answer = runbook_command(RUNBOOK_READY, &socket);
     assert!(answer.trim().is_empty(), "{answer}");
-    proxy.wait_for(Duration::from_secs(5), "node 2 back", |s| {
+    proxy.wait_for(Duration::from_secs(5), "node 3 back", |s| {
         s[leaving] == "UP"
     });
     for &a in &accounts {
@@ -731,7 +752,7 @@ fn the_admin_socket_takes_a_node_out_and_back_as_the_ring_does() {
         assert_eq!(
             haproxy_node_of(&proxy, a),
             expect,
-            "account {a}, node 2 back"
+            "account {a}, node 3 back"
         );
     }
 }

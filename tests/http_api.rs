@@ -647,6 +647,35 @@ async fn reads_degrade_to_zero_within_the_budget_when_the_store_fails() {
     s.stop().await;
 }
 
+/// `/readyz` probes the store within its own bound, not the read budget: with a long
+/// `store.read_timeout_ms` and a store that hangs, it still answers `degraded` (200) long
+/// before a balancer's health check gives up (HAProxy's: 2 s in deploy/haproxy.cfg). Before,
+/// the probe waited the whole read budget, so a slow store got the node marked down.
+#[tokio::test]
+async fn readyz_answers_degraded_within_its_probe_bound_whatever_the_read_budget() {
+    let s = TestServer::start_with(|c| c.store.read_timeout_ms = 60_000).await;
+    s.faults.set_read_delay_ms(600_000);
+    let ready = tokio::time::timeout(
+        Duration::from_secs(5),
+        s.request("GET", "/readyz", None, None),
+    )
+    .await
+    .expect("/readyz waited for the 60 s read budget");
+    assert_eq!(ready.status, 200);
+    let body = ready.json();
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert_eq!(
+        body["store"],
+        format!(
+            "no answer within {} ms",
+            playhead::engine::PROBE_STORE_MAX_MS
+        ),
+        "{body}"
+    );
+    s.faults.set_read_delay_ms(0);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_full_coalescer_answers_503_with_retry_after() {
     let s = TestServer::start_with(|c| {

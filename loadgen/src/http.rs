@@ -617,6 +617,13 @@ fn count(
 /// still degraded after them counts as a mismatch.
 const VERIFY_DEGRADED_RETRIES: u32 = 5;
 const VERIFY_RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// How often `verify` sends a request again on a new connection when the one it was on
+/// failed (cut, refused, closed before the answer): a balancer in front of the nodes cuts
+/// the connections of a node it marks down (HAProxy's `on-marked-down shutdown-sessions`),
+/// and the next connection reaches the account's node of the moment. Pauses grow by
+/// [`VERIFY_RETRY_PAUSE`] each time (3 s in all); past them the verify fails with the
+/// error. Not an answer, so nothing is counted right or wrong for it.
+const VERIFY_CONNECTION_RETRIES: u32 = 5;
 
 /// Reads every key in `sample` back (HTTP resume) and compares with the expected position;
 /// a degraded answer is asked again ([`VERIFY_DEGRADED_RETRIES`]), a wrong one never.
@@ -645,7 +652,8 @@ pub async fn verify(
                 result.checked += 1;
                 let mut retries = 0;
                 let (response, answer) = loop {
-                    let response = conn.send("GET", &target, &token, None).await?;
+                    let response =
+                        send_again_if_cut(&mut conn, &target, &token, &mut result).await?;
                     let answer: serde_json::Value =
                         serde_json::from_slice(&response.body).unwrap_or_default();
                     let degraded = response.status == 200 && answer["source"] == "degraded";
@@ -693,10 +701,38 @@ pub async fn verify(
         total.checked += part.checked;
         total.mismatches += part.mismatches;
         total.degraded_then_right += part.degraded_then_right;
+        total.connection_retries += part.connection_retries;
         total.examples.extend(part.examples);
     }
     total.examples.truncate(5);
     Ok(total)
+}
+
+/// One verify request; a failed connection is replaced and the request sent again
+/// ([`VERIFY_CONNECTION_RETRIES`]), each time counted in `result.connection_retries`.
+async fn send_again_if_cut(
+    conn: &mut HttpConn,
+    target: &str,
+    token: &str,
+    result: &mut Verification,
+) -> anyhow::Result<Response> {
+    let mut retries = 0;
+    loop {
+        match conn.send("GET", target, token, None).await {
+            Ok(response) => return Ok(response),
+            Err(e) if retries == VERIFY_CONNECTION_RETRIES => {
+                return Err(e.context(format!(
+                    "verify: {} connections in a row failed",
+                    retries + 1
+                )))
+            }
+            Err(_) => {
+                retries += 1;
+                result.connection_retries += 1;
+                tokio::time::sleep(VERIFY_RETRY_PAUSE * retries).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -740,6 +776,9 @@ mod tests {
                         };
                         let answers = &script[movie.as_str()];
                         let body = answers[(n - 1).min(answers.len() - 1)];
+                        if body == CUT {
+                            return; // closes the connection without an answer
+                        }
                         let reply = format!(
                             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
                             body.len()
@@ -774,11 +813,30 @@ mod tests {
             ),
         ]);
         let (addr, asked) = scripted_peer(script).await;
+        let (args, titles, sample) = verify_setup(addr, &["slow", "wrong", "down"]);
+        let v = verify(&args, &titles, &sample).await.unwrap();
+        assert_eq!((v.checked, v.mismatches, v.degraded_then_right), (3, 2, 1));
+        assert_eq!(v.connection_retries, 0);
+        let asked = asked.lock().unwrap().clone();
+        assert_eq!(asked["slow"], 2, "asked again once");
+        assert_eq!(asked["wrong"], 1, "a wrong answer is not asked again");
+        assert_eq!(asked["down"], 1 + VERIFY_DEGRADED_RETRIES as usize);
+    }
+
+    /// A script's body that makes the peer close the connection without answering.
+    const CUT: &str = "CUT";
+
+    /// `--connections 1` to `addr`, one title per movie, and one expected key per title
+    /// (account 1, position 7).
+    fn verify_setup(
+        addr: SocketAddr,
+        movies: &[&str],
+    ) -> (Args, Arc<Vec<LoadTitle>>, Vec<Expected>) {
         use clap::Parser as _;
         let mut args = Args::parse_from(["playhead-loadgen", "fleet", "--connections", "1"]);
         args.http_addr = addr;
         let titles: Arc<Vec<LoadTitle>> = Arc::new(
-            ["slow", "wrong", "down"]
+            movies
                 .iter()
                 .enumerate()
                 .map(|(i, m)| LoadTitle {
@@ -788,7 +846,7 @@ mod tests {
                 })
                 .collect(),
         );
-        let sample: Vec<Expected> = (0..3)
+        let sample = (0..movies.len() as u32)
             .map(|title| Expected {
                 account_id: 1,
                 profile_id: 0,
@@ -796,12 +854,47 @@ mod tests {
                 position_seconds: 7,
             })
             .collect();
-        let v = verify(&args, &titles, &sample).await.unwrap();
-        assert_eq!((v.checked, v.mismatches, v.degraded_then_right), (3, 2, 1));
+        (args, titles, sample)
+    }
+
+    /// A connection cut before the answer (a balancer marking the node down) is replaced
+    /// and the request sent again; the answer on the new connection is judged like any
+    /// other (a wrong one is still a mismatch). A peer that cuts every time fails the
+    /// verify once the retries are spent.
+    #[tokio::test]
+    async fn verify_sends_again_on_a_new_connection_when_one_is_cut() {
+        let script = HashMap::from([
+            (
+                "cut",
+                vec![
+                    CUT,
+                    r#"{"movie_id":"cut","resume_position_seconds":7,"source":"memory"}"#,
+                ],
+            ),
+            (
+                "wrong",
+                vec![
+                    CUT,
+                    r#"{"movie_id":"wrong","resume_position_seconds":5,"source":"memory"}"#,
+                ],
+            ),
+            ("gone", vec![CUT]),
+        ]);
+        let (addr, asked) = scripted_peer(script).await;
+        let (args, titles, sample) = verify_setup(addr, &["cut", "wrong", "gone"]);
+        let v = verify(&args, &titles, &sample[..2]).await.unwrap();
+        assert_eq!((v.checked, v.mismatches, v.connection_retries), (2, 1, 2));
+        assert_eq!(v.degraded_then_right, 0);
+        let Err(err) = verify(&args, &titles, &sample[2..]).await else {
+            panic!("a peer that cuts every connection passed the verify");
+        };
+        assert!(
+            format!("{err:#}").contains("connections in a row failed"),
+            "{err:#}"
+        );
         let asked = asked.lock().unwrap().clone();
-        assert_eq!(asked["slow"], 2, "asked again once");
-        assert_eq!(asked["wrong"], 1, "a wrong answer is not asked again");
-        assert_eq!(asked["down"], 1 + VERIFY_DEGRADED_RETRIES as usize);
+        assert_eq!((asked["cut"], asked["wrong"]), (2, 2));
+        assert_eq!(asked["gone"], 1 + VERIFY_CONNECTION_RETRIES as usize);
     }
 
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\ndate: x\r\n\r\n{}";

@@ -184,6 +184,9 @@ pub struct Verification {
     /// its read budget and said so) and whose retry answered right: no lost write, a slow
     /// store. Counted apart so a run shows both.
     pub degraded_then_right: u64,
+    /// Requests sent again on a new connection because the one they were on failed (a
+    /// balancer cutting a node's connections): not answers, so neither right nor wrong.
+    pub connection_retries: u64,
     pub unverifiable: u64,
     pub examples: Vec<String>,
 }
@@ -319,12 +322,13 @@ impl Report {
         );
         if let Some(v) = &self.verification {
             println!(
-                "  verify: {} keys written, {} checked, {} mismatches, {} unverifiable, {} degraded then right on a retry{}",
+                "  verify: {} keys written, {} checked, {} mismatches, {} unverifiable, {} degraded then right on a retry, {} requests sent again on a new connection{}",
                 v.keys_written,
                 v.checked,
                 v.mismatches,
                 v.unverifiable,
                 v.degraded_then_right,
+                v.connection_retries,
                 if v.mismatches == 0 {
                     " — OK"
                 } else {

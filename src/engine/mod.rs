@@ -38,6 +38,14 @@ use wal::{ReplayReport, Wal, WalError, WalOptions, WalStats};
 /// hand-off, small enough (10 MB) not to matter for memory.
 const REPLAY_CHUNK_RECORDS: usize = 262_144;
 
+/// The longest `/readyz` waits for its store probe, whatever `store.read_timeout_ms` says.
+/// A balancer's health check must get its answer — `degraded` included — before its own
+/// timeout: HAProxy's is the check interval, 2 s in deploy/haproxy.cfg, and a check that
+/// times out three times marks the node down and cuts its connections, while a node whose
+/// store is slow still takes writes. With the probe as long as a 2 s read budget, a slow
+/// Cassandra did exactly that (bench/cluster-failover.sh, docs/deploy.md).
+pub const PROBE_STORE_MAX_MS: u64 = 500;
+
 /// Why a write was not acknowledged. Nothing here was acknowledged; a retry is safe
 /// because writes are idempotent under last-write-wins.
 #[derive(Debug, thiserror::Error)]
@@ -464,10 +472,17 @@ impl Engine {
         });
     }
 
-    /// Asks the store for one key within the read budget (`store.read_timeout_ms`): `Err`
-    /// says why it did not answer (`unreachable: …`, `no answer within … ms`).
+    /// Asks the store for one key within the read budget (`store.read_timeout_ms`), but no
+    /// longer than [`PROBE_STORE_MAX_MS`]: `Err` says why it did not answer (`unreachable:
+    /// …`, `no answer within … ms`).
     pub async fn probe_store(&self) -> Result<(), String> {
-        let budget = Duration::from_millis(self.shared.config.store.read_timeout_ms);
+        let budget = Duration::from_millis(
+            self.shared
+                .config
+                .store
+                .read_timeout_ms
+                .min(PROBE_STORE_MAX_MS),
+        );
         match tokio::time::timeout(budget, self.shared.store.get(Key::new(0, 0, 0))).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(format!("unreachable: {e}")),
