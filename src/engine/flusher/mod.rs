@@ -698,7 +698,7 @@ struct LogState {
 /// it comes back to the same size a few seconds after a snapshot. At 10 M viewers (2.3 M
 /// heartbeats/s, 8.6 M dirty keys) that log is 1.05–1.6 GB, across the 1.38 GB the rule
 /// without this clause snapshots at: two 5-minute runs wrote 13 and 22 snapshots of 345 MB
-/// (with it: 4), and every 60 s run with one inside its window had a batch p99 of
+/// (with it: 4 and 5), and every 60 s run with one inside its window had a batch p99 of
 /// 161–1 650 ms, against 44–125 ms without (BENCHMARKS.md, "The 10 M tail, third look").
 fn worth_a_snapshot(log: LogState) -> bool {
     log.on_disk > log.limit
