@@ -11,8 +11,9 @@
 #                                             # another server build, results kept apart
 #
 # Server: PLAYHEAD_SERVER__WORKER_THREADS=${SERVER_THREADS:-2} (the server's own default on
-# this 2-core machine; with 1 the 10 M rung's p99 was 2-10x worse, BENCHMARKS.md, "The 10 M
-# tail, third look"), otherwise its defaults, data under a fresh temp dir on the work disk. Generator: --threads ${LOADGEN_THREADS:-1}.
+# this 2-core machine; with 1 worker the 10 M rung's p99 was 134-1 746 ms against 44-125 ms
+# with 2, BENCHMARKS.md, "The 10 M tail, third look"), otherwise its defaults, data under a
+# fresh temp dir on the work disk. Generator: --threads ${LOADGEN_THREADS:-1}.
 # Each rung prints: due (heartbeats scheduled in the measured window, pauses excluded),
 # acknowledged among them, ratio, batch p50/p99, keys in memory (dirty+clean) at 1/4, 1/2
 # and the end of the run, store rows/s, log MB/s written, RSS (and bytes per key held),
