@@ -267,13 +267,9 @@ pub fn http_request(
     token: Option<&str>,
     body: Option<&str>,
 ) -> HttpAnswer {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(request_bytes(method, path, token, body).as_bytes())
-        .unwrap();
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    parse_answer(&raw)
+    exchange(addr, &request_bytes(method, path, token, body))
+        .expect("connect")
+        .0
 }
 
 /// [`http_request`] for a client that outlives its peer: a refused or reset connection,
@@ -286,12 +282,7 @@ pub fn try_http_request(
     token: Option<&str>,
     body: Option<&str>,
 ) -> std::io::Result<HttpAnswer> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    s.write_all(request_bytes(method, path, token, body).as_bytes())?;
-    let mut raw = Vec::new();
-    let read = s.read_to_end(&mut raw);
-    let answer = parse_answer(&raw);
+    let (answer, read) = exchange(addr, &request_bytes(method, path, token, body))?;
     match read {
         Err(e) if answer.status == 0 => Err(e),
         _ if answer.status == 0 => Err(std::io::Error::new(
@@ -300,6 +291,20 @@ pub fn try_http_request(
         )),
         _ => Ok(answer),
     }
+}
+
+/// Sends `request` on a new connection and reads until the peer closes it: the answer as
+/// far as it came, and how the read ended. `Err` only if connecting or sending failed.
+fn exchange(
+    addr: SocketAddr,
+    request: &str,
+) -> std::io::Result<(HttpAnswer, std::io::Result<usize>)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.write_all(request.as_bytes())?;
+    let mut raw = Vec::new();
+    let read = s.read_to_end(&mut raw);
+    Ok((parse_answer(&raw), read))
 }
 
 /// One HTTP/1.1 request that closes its connection after the answer.
