@@ -17,7 +17,6 @@ fn options(dir: &std::path::Path, mode: SyncMode) -> WalOptions {
         sync_interval_ms: 10,
         segment_bytes: 64 << 20,
         max_buffer_bytes: 256 << 20,
-        writer_slice_us: 0,
     }
 }
 

@@ -90,10 +90,6 @@ pub struct ServerConfig {
     /// log snapshots, the embedded store's compaction); 0 runs it at the process's
     /// priority. See `crate::telemetry::priority`.
     pub background_nice: i32,
-    /// Scheduler slice in microseconds that the request path's threads (runtime workers,
-    /// the commit-log writer) ask for, so they preempt other work sooner on a busy core;
-    /// 0 keeps the kernel's. See `crate::telemetry::priority`.
-    pub request_slice_us: u64,
 }
 
 impl Default for ServerConfig {
@@ -103,7 +99,6 @@ impl Default for ServerConfig {
             worker_threads: 0,
             log_level: "info".into(),
             background_nice: crate::telemetry::priority::DEFAULT_BACKGROUND_NICE,
-            request_slice_us: crate::telemetry::priority::DEFAULT_REQUEST_SLICE_US,
         }
     }
 }
@@ -194,13 +189,6 @@ impl Config {
             self.server.background_nice,
             (0..=19).contains(&self.server.background_nice),
             "between 0 (background at the process's priority) and 19",
-        )?;
-        check(
-            "server.request_slice_us",
-            self.server.request_slice_us,
-            self.server.request_slice_us == 0
-                || (100..=100_000).contains(&self.server.request_slice_us),
-            "0 (the kernel's slice) or between 100 and 100000",
         )?;
         self.http.validate()?;
         self.binary.validate()?;
@@ -357,15 +345,6 @@ pub(crate) mod tests {
         );
         let c = Config::load(None, env(&[("PLAYHEAD_SERVER__BACKGROUND_NICE", "0")])).unwrap();
         assert_eq!(c.server.background_nice, 0);
-        let err = Config::load(None, env(&[("PLAYHEAD_SERVER__REQUEST_SLICE_US", "50")]))
-            .expect_err("must fail")
-            .to_string();
-        assert_eq!(
-            err,
-            "configuration key `server.request_slice_us` has value `50`, expected 0 (the kernel's slice) or between 100 and 100000"
-        );
-        let c = Config::load(None, env(&[("PLAYHEAD_SERVER__REQUEST_SLICE_US", "0")])).unwrap();
-        assert_eq!(c.server.request_slice_us, 0);
         let err = Config::load(None, env(&[("PLAYHEAD_API__ALTERNATIVE_WINDOW_MS", "0")]))
             .expect_err("must fail")
             .to_string();

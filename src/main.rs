@@ -135,11 +135,6 @@ fn serve(config: Config) -> anyhow::Result<()> {
     init_tracing(&config.server.log_level);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all().thread_name("playhead-worker");
-    // The request path preempts other work sooner (playhead::telemetry::priority).
-    let slice = config.server.request_slice_us;
-    runtime.on_thread_start(move || {
-        playhead::telemetry::priority::request_slice_for_current_thread(slice)
-    });
     if config.server.worker_threads > 0 {
         runtime.worker_threads(config.server.worker_threads);
     }

@@ -228,7 +228,6 @@ fn write_seed_corpus() {
             sync_interval_ms: 10,
             segment_bytes: 64 << 20,
             max_buffer_bytes: 64 << 20,
-            writer_slice_us: 0,
         },
         |_| {},
     )

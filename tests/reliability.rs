@@ -638,7 +638,6 @@ fn write_log(wal_dir: &Path, frames: u64) -> Vec<playhead::model::Record> {
             sync_interval_ms: 10,
             segment_bytes: 65_536,
             max_buffer_bytes: 64 << 20,
-            writer_slice_us: 0,
         },
         |_| {},
     )
@@ -874,7 +873,6 @@ fn random_log_damage_replays_exactly_the_intact_frames() {
             sync_interval_ms: 10,
             segment_bytes: 65_536,
             max_buffer_bytes: 1 << 20,
-            writer_slice_us: 0,
         };
         let (wal, report) =
             playhead::engine::wal::Wal::open(opts, |r| seen.extend_from_slice(r)).unwrap();
@@ -1708,7 +1706,6 @@ fn graceful_shutdown_finishes_in_flight_work_and_exits_zero() {
             sync_interval_ms: 10,
             segment_bytes: 64 << 20,
             max_buffer_bytes: 1 << 20,
-            writer_slice_us: 0,
         },
         |r| left.extend_from_slice(r),
     )
@@ -1804,7 +1801,6 @@ fn a_full_log_disk_leaves_no_file_per_retry_and_nothing_set_aside() {
         sync_interval_ms: 10,
         segment_bytes: 65_536,
         max_buffer_bytes: 256 << 10,
-        writer_slice_us: 0,
     };
     let (wal, _) = Wal::open(opts(), |_| {}).unwrap();
     let title = playhead::resume::catalog::title_id_of(MOVIE);

@@ -92,7 +92,6 @@ fn serve_replays_the_log_and_flushes_everything_on_sigterm() {
                 sync_interval_ms: 10,
                 segment_bytes: 64 << 20,
                 max_buffer_bytes: 64 << 20,
-                writer_slice_us: 0,
             },
             |_| {},
         )

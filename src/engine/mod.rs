@@ -323,7 +323,6 @@ impl Engine {
             sync_interval_ms: config.wal.sync_interval_ms,
             segment_bytes: config.wal.segment_bytes,
             max_buffer_bytes: config.wal.max_buffer_bytes,
-            writer_slice_us: config.server.request_slice_us,
         };
         let started = std::time::Instant::now();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -9,98 +9,13 @@
 //! key once for more heartbeats (it never drops anything: data stays in memory and in the
 //! log until the store takes it). BENCHMARKS.md has the measurements.
 //!
-//! The request path's threads (the runtime workers and their blocking threads, the
-//! commit-log writer) instead ask for a *short slice*, `server.request_slice_us`
-//! ([`DEFAULT_REQUEST_SLICE_US`]; 0 keeps the kernel's). Linux's EEVDF scheduler (6.6+,
-//! custom slices since 6.12) gives a waking thread with a shorter slice an earlier
-//! deadline, so it preempts a thread that asked for the default (~1.4 ms here) sooner:
-//! a heartbeat batch that arrives while both cores run other work waits for a fraction of
-//! a slice instead of a whole one. It takes no CPU from anyone over time (the weight, set
-//! by nice, decides that); older kernels accept the request and ignore it.
-//!
-//! Linux only (elsewhere these are no-ops): a thread's nice value and slice are per thread
-//! there. Lowering one's own priority and asking for a slice need no privilege.
+//! Linux only (elsewhere these are no-ops): a thread's nice value is per thread there.
+//! Lowering one's own priority needs no privilege.
 
 /// How much lower background threads run by default, added to the process's nice value
 /// (capped at 19): from nice 0 to 10, a tenth of the CPU weight of a request thread wanting
 /// the same core.
 pub const DEFAULT_BACKGROUND_NICE: i32 = 10;
-
-/// The slice the request path's threads ask for by default, in microseconds (the kernel
-/// allows 100..=100 000). 10 M viewers, `bench/fleet.sh`, 60 s runs alternated in one
-/// session: p99 35–54 ms (median 37) with 300 µs against 40–70 ms (median 47) without
-/// (BENCHMARKS.md).
-pub const DEFAULT_REQUEST_SLICE_US: u64 = 300;
-
-/// Asks the kernel to run the calling thread in slices of `us` microseconds (0 does
-/// nothing). Best effort: a failure leaves the thread's slice alone and is logged at debug
-/// level.
-pub fn request_slice_for_current_thread(us: u64) {
-    #[cfg(target_os = "linux")]
-    if us > 0 {
-        set_slice(us);
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = us;
-}
-
-/// `struct sched_attr` of `sched_setattr(2)` (the libc crate does not declare it).
-#[cfg(target_os = "linux")]
-#[repr(C)]
-struct SchedAttr {
-    size: u32,
-    policy: u32,
-    flags: u64,
-    nice: i32,
-    priority: u32,
-    /// Under `SCHED_OTHER`, the requested slice in nanoseconds (Linux 6.12+).
-    runtime: u64,
-    deadline: u64,
-    period: u64,
-    util_min: u32,
-    util_max: u32,
-}
-
-#[cfg(target_os = "linux")]
-fn set_slice(us: u64) {
-    // SAFETY: errno is this thread's; gettid has no preconditions, getpriority only reads
-    // its arguments and sched_setattr reads the struct, which outlives the call. The
-    // thread keeps its policy (SCHED_OTHER) and its nice value, read just before.
-    let result = unsafe {
-        *libc::__errno_location() = 0;
-        let tid = libc::gettid();
-        let nice = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
-        if nice == -1 && *libc::__errno_location() != 0 {
-            -1
-        } else {
-            let attr = SchedAttr {
-                size: std::mem::size_of::<SchedAttr>() as u32,
-                policy: libc::SCHED_OTHER as u32,
-                flags: 0,
-                nice,
-                priority: 0,
-                runtime: us.saturating_mul(1_000),
-                deadline: 0,
-                period: 0,
-                util_min: 0,
-                util_max: 0,
-            };
-            libc::syscall(
-                libc::SYS_sched_setattr,
-                tid,
-                &attr as *const SchedAttr,
-                0u32,
-            )
-        }
-    };
-    if result != 0 {
-        tracing::debug!(
-            us,
-            error = %std::io::Error::last_os_error(),
-            "could not set a request thread's scheduler slice"
-        );
-    }
-}
 
 /// Lowers the calling thread by `by` nice levels (0 does nothing). Best effort: a failure
 /// leaves the thread at its priority and is logged at debug level.
@@ -188,49 +103,6 @@ mod tests {
         // Field 19 (nice), counted after the parenthesised command name.
         let after = &stat[stat.rfind(')').unwrap() + 2..];
         after.split_whitespace().nth(16).unwrap().parse().unwrap()
-    }
-
-    /// The thread's slice in nanoseconds (`se.slice` in its sched file), where the kernel
-    /// reports one.
-    fn slice_of_current_thread() -> Option<u64> {
-        let sched = std::fs::read_to_string("/proc/thread-self/sched").ok()?;
-        let line = sched.lines().find(|l| l.starts_with("se.slice"))?;
-        line.rsplit(':').next()?.trim().parse().ok()
-    }
-
-    #[test]
-    fn a_request_thread_gets_the_slice_it_asks_for_and_keeps_its_nice_value() {
-        let Some(default) = std::thread::spawn(slice_of_current_thread).join().unwrap() else {
-            eprintln!("skipped: this kernel reports no per-thread slice (se.slice)");
-            return;
-        };
-        let base = nice_in("/proc/self/stat");
-        let (slice, nice) = std::thread::spawn(|| {
-            request_slice_for_current_thread(DEFAULT_REQUEST_SLICE_US);
-            (slice_of_current_thread(), nice_of_current_thread())
-        })
-        .join()
-        .unwrap();
-        assert_eq!(slice, Some(DEFAULT_REQUEST_SLICE_US * 1_000));
-        assert_eq!(nice, base);
-        // A lowered thread stays lowered.
-        let (slice, nice) = std::thread::spawn(|| {
-            lower_current_thread(DEFAULT_BACKGROUND_NICE);
-            request_slice_for_current_thread(500);
-            (slice_of_current_thread(), nice_of_current_thread())
-        })
-        .join()
-        .unwrap();
-        assert_eq!(slice, Some(500_000));
-        assert_eq!(nice, (base + DEFAULT_BACKGROUND_NICE).min(19));
-        // 0 leaves the kernel's slice.
-        let untouched = std::thread::spawn(|| {
-            request_slice_for_current_thread(0);
-            slice_of_current_thread()
-        })
-        .join()
-        .unwrap();
-        assert_eq!(untouched, Some(default));
     }
 
     #[test]

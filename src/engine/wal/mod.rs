@@ -108,9 +108,6 @@ pub struct WalOptions {
     pub sync_interval_ms: u64,
     pub segment_bytes: u64,
     pub max_buffer_bytes: usize,
-    /// Scheduler slice the writer thread asks for (`server.request_slice_us`; 0: the
-    /// kernel's), see [`crate::telemetry::priority`].
-    pub writer_slice_us: u64,
 }
 
 /// Counters of the log, read by metrics.
@@ -336,11 +333,7 @@ impl Wal {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("playhead-wal".into())
-                .spawn(move || {
-                    let slice = shared.opts.writer_slice_us;
-                    crate::telemetry::priority::request_slice_for_current_thread(slice);
-                    Writer::new(shared, dir, jobs, syncer).run()
-                })?
+                .spawn(move || Writer::new(shared, dir, jobs, syncer).run())?
         };
         let remover = {
             let shared = Arc::clone(&shared);

@@ -20,7 +20,6 @@ fn opts(dir: &Path, mode: SyncMode) -> WalOptions {
         sync_interval_ms: 5,
         segment_bytes: 64 << 10,
         max_buffer_bytes: 1 << 20,
-        writer_slice_us: 0,
     }
 }
 
