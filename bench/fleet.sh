@@ -16,8 +16,9 @@
 # fresh temp dir on the work disk. Generator: --threads ${LOADGEN_THREADS:-1}.
 # Each rung prints: due (heartbeats scheduled in the measured window, pauses excluded),
 # acknowledged among them, ratio, batch p50/p99, keys in memory (dirty+clean) at 1/4, 1/2
-# and the end of the run, store rows/s, log MB/s written, RSS (and bytes per key held),
-# CPU seconds per component over the measured window, and the SIGTERM drain time.
+# and the end of the run, store rows/s, log MB/s written, RSS (and bytes per key held, with
+# what the key table and the alternatives' table allocated, from /metrics), CPU seconds per
+# component over the measured window, and the SIGTERM drain time.
 # Results: target/fleet/results.jsonl (one JSON object per rung).
 # Needs: release binaries (built here), python3; redis-server for the peer row (installed
 # from Debian if missing and apt-get is available).
@@ -74,7 +75,8 @@ proc_cpu() {
 metrics() { curl -s "127.0.0.1:$HTTP_PORT/metrics"; }
 
 sample() {
-  # keys held, flush rows, wal written bytes, alternatives held (0 for builds without them)
+  # keys held, flush rows, wal written bytes, alternatives held, bytes the key table and the
+  # alternatives' table allocated (0 for builds without them)
   metrics | python3 -c '
 import sys
 m = {}
@@ -84,7 +86,9 @@ for line in sys.stdin:
     m[name] = float(value)
 keys = sum(v for k, v in m.items() if k.startswith("playhead_coalescer_keys{") and "flushing" not in k)
 print(int(keys), int(m.get("playhead_flush_rows_total", 0)), int(m.get("playhead_wal_written_bytes_total", 0)),
-      int(m.get("playhead_coalescer_alternatives", 0)))'
+      int(m.get("playhead_coalescer_alternatives", 0)),
+      int(m.get("playhead_coalescer_allocated_bytes{table=\"keys\"}", 0)),
+      int(m.get("playhead_coalescer_allocated_bytes{table=\"alternatives\"}", 0)))'
 }
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
@@ -145,6 +149,7 @@ print(json.dumps({
     "alternatives_end": s1[3],
     "store_rows_per_sec": round((s1[1] - s0[1]) / secs), "log_mb_per_sec": round((s1[2] - s0[2]) / secs / 1e6, 1),
     "rss_mb": round(int(rss) / 1024), "rss_bytes_per_key": round(int(rss) * 1024 / max(s1[0], 1), 1),
+    "keys_table_mb": round(s1[4] / 2**20), "alternatives_table_mb": round(s1[5] / 2**20),
     "server_cpu_s": cpu, "server_cpu_total_s": round(sum(cpu.values()), 1),
     "loadgen_cpu_s": round(float(gen1) - float(gen0), 1), "window_s": round(secs, 1),
     "drain_s": float(drain), "verify_checked": v.get("checked"), "verify_mismatches": v.get("mismatches"),
@@ -210,4 +215,8 @@ for r in rows:
 for r in rows:
     if "server_cpu_s" in r:
         print(f"  {r['viewers']} viewers, server CPU s over {r['window_s']} s by thread: {r['server_cpu_s']}")
+    if "keys_table_mb" in r:
+        rest = r["rss_mb"] - r["keys_table_mb"] - r["alternatives_table_mb"]
+        print(f"  {r['viewers']} viewers, RSS {r['rss_mb']} MB: key table {r['keys_table_mb']}, "
+              f"alternatives {r['alternatives_table_mb']} ({r['alternatives_end']} entries), the rest {rest}")
 PY

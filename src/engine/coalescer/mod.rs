@@ -107,6 +107,10 @@ pub struct CoalescerStats {
     pub alternatives_evicted: u64,
     /// Alternatives dropped because `api.alternative_window_ms` passed.
     pub alternatives_expired: u64,
+    /// Bytes the shards' key tables have allocated.
+    pub keys_bytes: u64,
+    /// Bytes the shards' alternatives tables have allocated.
+    pub alternatives_bytes: u64,
 }
 
 impl CoalescerStats {
@@ -170,6 +174,15 @@ impl CoalescerStats {
             [
                 ([("reason", "evicted")], self.alternatives_evicted),
                 ([("reason", "expired")], self.alternatives_expired),
+            ],
+        )?;
+        gauges(
+            e,
+            "playhead_coalescer_allocated_bytes",
+            "Bytes the coalescer's tables have allocated: keys (the memtable) and alternatives (its side table).",
+            [
+                ([("table", "keys")], self.keys_bytes),
+                ([("table", "alternatives")], self.alternatives_bytes),
             ],
         )
     }
@@ -974,6 +987,8 @@ impl Coalescer {
             total.alternatives += shard.alts.len() as u64;
             total.alternatives_evicted += shard.alts.evicted;
             total.alternatives_expired += shard.alts.expired;
+            total.keys_bytes += shard.map.allocated_bytes() as u64;
+            total.alternatives_bytes += shard.alts.allocated_bytes() as u64;
             total.dirty_keys += shard.dirty as u64;
             total.clean_keys += (shard.map.len() - shard.dirty) as u64;
         }
