@@ -20,8 +20,10 @@ pub struct CoalescerConfig {
     /// keys around it.
     pub max_titles_per_profile: usize,
     /// Most alternatives kept in memory ([`super::alternatives`]: the value another device
-    /// had when it was superseded, for "resume from where?" answers). Past it the oldest
-    /// are evicted; a key that has one pays ~50 bytes more.
+    /// had when it was superseded, for "resume from where?" answers), shared by the
+    /// shards, each share rounded down to what a power-of-two table holds (the default
+    /// holds 917 504). Past it the oldest are evicted; a key that has one pays ~50 bytes
+    /// more.
     pub max_alternatives: usize,
 }
 
