@@ -438,15 +438,21 @@ fn a_long_outage_meets_the_overload_rules_and_loses_nothing() {
     ]);
     let mut p = Process::start(dir.path(), &config);
     let base = now_ms() - 60_000;
-    let rounds = 600_u32;
+    // Rounds of the 40 keys go on until the log has been snapshotted, for the log grows
+    // only once a cycle is stuck publishing: before, each cycle that completes (one that
+    // picked nothing, every key rewritten since its epoch began) drops the log behind it,
+    // and a fixed 600 rounds could all land before the first cycle got stuck (seen in CI:
+    // 98 KB of log left, under the 128 KiB limit, and no snapshot). 7 800 rounds at most:
+    // positions stay within the title, timestamps before now.
+    let most_rounds = 7_800_u32;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
+    let rounds = rt.block_on(async {
         let secret = playhead::config::BINARY_DEV_SECRET.as_bytes();
         let mut client = Client::connect(p.binary, secret).await.unwrap();
-        for j in 0..rounds {
+        for j in 0..most_rounds {
             let batch: Vec<WireRecord> = (1..=40)
                 .map(|account_id| WireRecord {
                     account_id,
@@ -461,7 +467,14 @@ fn a_long_outage_meets_the_overload_rules_and_loses_nothing() {
                 Reply::Ack { accepted, .. } => assert_eq!(accepted, 40),
                 other => panic!("expected an ACK, got {other:?}"),
             }
+            if j >= 600 && j % 20 == 0 {
+                if metric(&p.metrics(), "playhead_wal_snapshots_total") >= 1.0 {
+                    return j + 1;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
+        panic!("no snapshot after {most_rounds} rounds:\n{}", p.metrics());
     });
     wait_metrics(
         &p,
