@@ -27,7 +27,7 @@ static GLOBAL: MiMalloc = MiMalloc;
 /// is 1 s, and a flush cycle frees and allocates tens of MB every second (its pick, the
 /// store's batches), so at 10 M viewers ~70 MiB freed but not yet purged counted in RSS:
 /// 792–811 MiB against 735–739 MiB with 10 ms, for the same CPU (60 s runs, alternated;
-/// BENCHMARKS.md). 10 ms was mimalloc v2's default; 0 saved as much but cost ~9 % more
+/// BENCHMARKS.md). 10 ms was mimalloc v2's default; 0 saved as much but cost ~8 % more
 /// server CPU.
 const ALLOCATOR_PURGE_DELAY_MS: std::ffi::c_long = 10;
 /// `mi_option_purge_delay` in mimalloc v3's `mi_option_e` (mimalloc.h), which
