@@ -1010,20 +1010,10 @@ impl Coalescer {
         self.len() == 0
     }
 
-    /// Bytes the tables have allocated, for the memory-per-key figure.
+    /// Bytes the key tables have allocated, for the memory-per-key figure (the sum
+    /// [`Coalescer::stats`] reports as `keys_bytes`).
     pub fn allocated_bytes(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| shard.lock().map.allocated_bytes())
-            .sum()
-    }
-
-    /// Bytes the alternatives' side tables have allocated.
-    pub fn alternatives_allocated_bytes(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| shard.lock().alts.allocated_bytes())
-            .sum()
+        self.stats().keys_bytes as usize
     }
 
     pub fn max_keys(&self) -> usize {
